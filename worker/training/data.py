@@ -1,0 +1,70 @@
+"""Turn chat examples into token batches with the loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> TokenizedExample:
+    """Render `messages` with the chat template, turn by turn, labelling assistant turns only.
+
+    Each turn is the text the template adds for it, so the labels line up with the
+    template's own tokens without relying on offsets. Truncates to `max_seq_len`.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            _append(tokenizer, prompt[len(rendered):], input_ids, labels, learn=False)
+            rendered = prompt
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        _append(tokenizer, text[len(rendered):], input_ids, labels, learn=message["role"] == "assistant")
+        rendered = text
+    return TokenizedExample(input_ids[:max_seq_len], labels[:max_seq_len])
+
+
+def _append(tokenizer, text: str, input_ids: list[int], labels: list[int], learn: bool) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_ids.extend(ids)
+    labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
+
+
+def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def make_batches(
+    tokenized: list[TokenizedExample], batch_size: int, epochs: int, pad_id: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Shuffled batches for all epochs (a fixed list, so total_steps is known up front)."""
+    rng = random.Random(seed)
+    usable = [e for e in tokenized if any(label != IGNORE_INDEX for label in e.labels)]
+    batches = []
+    for _ in range(epochs):
+        order = list(range(len(usable)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batches.append(collate([usable[i] for i in order[start:start + batch_size]], pad_id))
+    return batches

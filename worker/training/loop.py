@@ -1,0 +1,113 @@
+"""The training loop: everything about a step is visible in `train`.
+
+The method (SVD-constrained or plain) enters through an `UpdateConstraint`: it names the
+parameters the optimizer may touch and, after every optimizer step, projects the applied
+update back into the allowed subspace (projecting only gradients leaks through Adam).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+
+class UpdateConstraint(Protocol):
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def after_optimizer_step(self) -> None: ...
+
+    def report(self) -> dict: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class TrainingCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    tokens_per_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    mean_step_s: float
+    losses: list[float] = field(default_factory=list)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    constraint: UpdateConstraint,
+    learning_rate: float,
+    steps_per_epoch: int,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    bf16_autocast: bool = True,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress_every_s: float = 2.0,
+) -> TrainResult:
+    params = constraint.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    total = len(batches)
+    warmup = max(1, total // 20)
+    device_type = next(model.parameters()).device.type
+    model.train()
+    losses: list[float] = []
+    started = last_report = time.monotonic()
+    tokens = 0
+    for step, batch in enumerate(batches):
+        if should_stop and should_stop():
+            raise TrainingCancelled(f"cancelled at step {step} of {total}")
+        lr = cosine_lr(step, total, learning_rate, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_autocast):
+            loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; try a lower learning_rate")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        constraint.after_optimizer_step()
+
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        now = time.monotonic()
+        if on_progress and (now - last_report >= progress_every_s or step + 1 == total):
+            last_report = now
+            elapsed = now - started
+            on_progress(Progress(
+                step=step + 1, total_steps=total, epoch=(step + 1) / steps_per_epoch, loss=losses[-1],
+                learning_rate=lr, tokens_per_s=tokens / elapsed,
+                eta_s=elapsed / (step + 1) * (total - step - 1),
+            ))
+    model.eval()
+    elapsed = time.monotonic() - started
+    return TrainResult(steps=total, final_loss=losses[-1] if losses else float("nan"),
+                       mean_step_s=elapsed / max(1, total), losses=losses)
