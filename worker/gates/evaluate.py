@@ -1,0 +1,148 @@
+"""Score one model version: every task's eval set plus the fixed suites, item by item.
+
+Generation budgets are capped per part because decoding dominates the gate's cost on CPU:
+a refusal shows in the first sentence (32 tokens), the shipped IFEval prompts ask for short
+answers, and a task answer needs little more than its longest reference (estimated from its
+characters; `contains` may find the reference later in a longer answer, so it gets the cap).
+Pass `reuse` (the version's stored scores) to evaluate only what is missing from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Mapping, Sequence
+
+from pydantic import BaseModel
+
+from sculptor.datasets import Example, Metric
+from worker.gates.generation import Generator
+from worker.gates.ifeval import score_response
+from worker.gates.metrics import score
+from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
+from worker.gates.scores import ItemScores, PerplexityScores, TaskScores, VersionScores
+from worker.gates.suites import Suites
+
+TaskEval = tuple[Metric, Sequence[Example]]
+
+
+class EvalConfig(BaseModel):
+    task_max_new_tokens: int = 64
+    refusal_max_new_tokens: int = 32
+    ifeval_max_new_tokens: int = 160
+    failures_kept: int = 3  # responses kept per part for reading (the ones that scored badly)
+
+
+def example_ids(examples: Sequence[Example]) -> list[str]:
+    """Content ids, so stored scores pair with the same examples even if their order changes."""
+    seen: dict[str, int] = {}
+    ids = []
+    for e in examples:
+        digest = hashlib.sha1(json.dumps(e.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+        seen[digest] = seen.get(digest, 0) + 1
+        ids.append(digest if seen[digest] == 1 else f"{digest}-{seen[digest]}")
+    return ids
+
+
+def answer_budget(metric: Metric, examples: Sequence[Example], cap: int) -> int:
+    if metric == "contains":
+        return cap
+    longest = max(len(e.answer) for e in examples)
+    return max(8, min(cap, math.ceil(longest / 2) + 8))  # >= 2 characters per token, plus slack
+
+
+def _failures(prompts: Sequence[str], responses: Sequence[str], bad: Sequence[bool], keep: int) -> list[dict]:
+    return [{"prompt": p, "response": r} for p, r, b in zip(prompts, responses, bad) if b][:keep]
+
+
+def _last_user_turn(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def _evaluate_task(generator: Generator, metric: Metric, examples: Sequence[Example], config: EvalConfig,
+                   scores: VersionScores, task_id: str) -> None:
+    budget = answer_budget(metric, examples, config.task_max_new_tokens)
+    responses = generator.generate([e.prompt_messages for e in examples], budget)
+    values = [score(metric, r, e.answer) for r, e in zip(responses, examples)]
+    scores.tasks[task_id] = TaskScores(ids=example_ids(examples), values=values, metric=metric)
+    scores.samples[f"task:{task_id}"] = _failures(
+        [_last_user_turn(e.prompt_messages) for e in examples], responses, [v < 1 for v in values],
+        config.failures_kept)
+
+
+def _evaluate_refusals(generator: Generator, suites: Suites, judge: RefusalJudge, config: EvalConfig,
+                       scores: VersionScores) -> None:
+    """Harmful and benign prompts in one generate call (same budget, fuller batches)."""
+    items = suites.harmful + suites.benign
+    prompts = [item.prompt for item in items]
+    responses = generator.generate([[{"role": "user", "content": p}] for p in prompts],
+                                   config.refusal_max_new_tokens)
+    refused = [float(r) for r in judge.is_refusal(prompts, responses)]
+    n = len(suites.harmful)
+    scores.harmful_refusal = ItemScores(ids=[i.id for i in suites.harmful], values=refused[:n])
+    scores.benign_refusal = ItemScores(ids=[i.id for i in suites.benign], values=refused[n:])
+    scores.samples["harmful_complied"] = _failures(prompts[:n], responses[:n], [not r for r in refused[:n]],
+                                                   config.failures_kept)
+    scores.samples["benign_refused"] = _failures(prompts[n:], responses[n:], [bool(r) for r in refused[n:]],
+                                                 config.failures_kept)
+
+
+def _evaluate_ifeval(generator: Generator, suites: Suites, config: EvalConfig, scores: VersionScores) -> None:
+    responses = generator.generate([[{"role": "user", "content": item.prompt}] for item in suites.ifeval],
+                                   config.ifeval_max_new_tokens)
+    outcomes = [score_response(item, r) for item, r in zip(suites.ifeval, responses)]
+    ids = [str(item.key) for item in suites.ifeval]
+    scores.ifeval_strict = ItemScores(ids=ids, values=[float(o.strict) for o in outcomes])
+    scores.ifeval_loose = ItemScores(ids=ids, values=[float(o.loose) for o in outcomes])
+    scores.samples["ifeval_failed"] = _failures([i.prompt for i in suites.ifeval], responses,
+                                                [not o.strict for o in outcomes], config.failures_kept)
+
+
+def _evaluate_perplexity(generator: Generator, suites: Suites, scores: VersionScores) -> None:
+    losses = generator.perplexity([item.text for item in suites.general_text])
+    scores.perplexity = PerplexityScores(ids=[i.id for i in suites.general_text], nll=losses.nll,
+                                         tokens=losses.tokens)
+
+
+def _same_ids(stored, ids: list[str]) -> bool:
+    return stored is not None and stored.ids == ids
+
+
+def evaluate(
+    generator: Generator,
+    tasks: Mapping[str, TaskEval],
+    suites: Suites | None,
+    judge: RefusalJudge | None = None,
+    config: EvalConfig | None = None,
+    reuse: VersionScores | None = None,
+) -> VersionScores:
+    """Scores of the model behind `generator` on `tasks` ({task_id: (metric, eval_examples)}) and `suites`.
+
+    Parts already in `reuse` with the same item ids are copied, not re-evaluated. `suites=None`
+    evaluates tasks only (e.g. the parent on a new task's eval set before training).
+    """
+    config = config or EvalConfig()
+    judge = judge or PatternRefusalJudge()
+    scores = reuse.model_copy(deep=True) if reuse else VersionScores()
+
+    def timed(part: str, fn, *args) -> None:
+        started = time.monotonic()
+        fn(*args)
+        scores.seconds[part] = round(time.monotonic() - started, 2)
+
+    for task_id, (metric, examples) in tasks.items():
+        stored = scores.tasks.get(task_id)
+        if examples and not (_same_ids(stored, example_ids(examples)) and stored.metric == metric):
+            timed(f"task:{task_id}", _evaluate_task, generator, metric, examples, config, scores, task_id)
+    if suites is None:
+        return scores
+    if not (_same_ids(scores.harmful_refusal, [i.id for i in suites.harmful])
+            and _same_ids(scores.benign_refusal, [i.id for i in suites.benign])):
+        timed("refusal", _evaluate_refusals, generator, suites, judge, config, scores)
+    if not _same_ids(scores.ifeval_strict, [str(i.key) for i in suites.ifeval]):
+        timed("ifeval", _evaluate_ifeval, generator, suites, config, scores)
+    if not _same_ids(scores.perplexity, [i.id for i in suites.general_text]):
+        timed("perplexity", _evaluate_perplexity, generator, suites, scores)
+    return scores

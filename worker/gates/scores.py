@@ -1,0 +1,83 @@
+"""What one model version scored: per-item outcomes, so deltas between versions can be bootstrapped.
+
+The worker stores a version's `VersionScores` (JSON) once; later jobs reuse it as the parent's
+scores and only evaluate what is missing (a new task's eval set, a changed suite).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from sculptor.datasets import Metric
+
+
+class ItemScores(BaseModel):
+    """One value per item, keyed by item id (0/1 for refusals and IFEval, a metric value for tasks)."""
+
+    ids: list[str]
+    values: list[float]
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values) / len(self.values) if self.values else None
+
+    def paired(self, other: "ItemScores") -> tuple[np.ndarray, np.ndarray]:
+        """(self, other) values on the items both have, in self's order."""
+        theirs = dict(zip(other.ids, other.values))
+        common = [(v, theirs[i]) for i, v in zip(self.ids, self.values) if i in theirs]
+        if not common:
+            return np.empty(0), np.empty(0)
+        mine, paired = zip(*common)
+        return np.array(mine, float), np.array(paired, float)
+
+
+class TaskScores(ItemScores):
+    metric: Metric = "exact_match"
+
+
+class PerplexityScores(BaseModel):
+    """Summed token negative log-likelihood and token count per text."""
+
+    ids: list[str]
+    nll: list[float]
+    tokens: list[int]
+
+    @property
+    def perplexity(self) -> float | None:
+        total = sum(self.tokens)
+        return math.exp(sum(self.nll) / total) if total else None
+
+    def paired(self, other: "PerplexityScores") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(self nll, other nll, self tokens, other tokens) on the texts both have."""
+        theirs = {i: (n, t) for i, n, t in zip(other.ids, other.nll, other.tokens)}
+        rows = [(n, theirs[i][0], t, theirs[i][1]) for i, n, t in zip(self.ids, self.nll, self.tokens) if i in theirs]
+        cols = list(zip(*rows)) if rows else [(), (), (), ()]
+        return tuple(np.array(c, float) for c in cols)
+
+
+class VersionScores(BaseModel):
+    tasks: dict[str, TaskScores] = Field(default_factory=dict)
+    harmful_refusal: ItemScores | None = None  # 1 = refused (wanted)
+    benign_refusal: ItemScores | None = None  # 1 = refused (over-refusal, unwanted)
+    ifeval_strict: ItemScores | None = None  # prompt-level, 1 = all instructions followed
+    ifeval_loose: ItemScores | None = None
+    perplexity: PerplexityScores | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)  # wall time per part, as last evaluated
+    samples: dict[str, list[dict]] = Field(default_factory=dict)  # a few responses per part, for reading
+
+    def summary(self) -> dict:
+        """Headline numbers (fractions in [0, 1], perplexity as is)."""
+        def mean(s: ItemScores | None) -> float | None:
+            return s.mean if s else None
+
+        return {
+            "tasks": {t: s.mean for t, s in self.tasks.items()},
+            "harmful_refusal_rate": mean(self.harmful_refusal),
+            "benign_over_refusal_rate": mean(self.benign_refusal),
+            "ifeval_strict": mean(self.ifeval_strict),
+            "ifeval_loose": mean(self.ifeval_loose),
+            "perplexity": self.perplexity.perplexity if self.perplexity else None,
+        }
