@@ -18,7 +18,7 @@
 ARG DEVICE=cuda
 # The CUDA variant runs on the devel image: Triton and FlashInfer compile kernels at run time (nvcc, gcc).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-devel-ubuntu24.04
-ARG CPU_IMAGE=debian:bookworm-slim
+ARG CPU_IMAGE=debian:12.12-slim
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
 ARG PYTHON_VERSION=3.11
 

