@@ -1,0 +1,218 @@
+"""The object store on S3: moto's S3 server on loopback stands in for MinIO / AWS.
+
+Everything goes through sculptor.storage.ObjectStore over s3fs, and the bucket's contents are read back
+with boto3 directly, so the keys other S3 tools (mc, aws s3, the console) see are checked too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+
+import boto3
+import pytest
+import torch
+from moto.server import ThreadedMotoServer
+from safetensors.torch import load_file, save_file
+
+from sculptor.config import Settings
+from sculptor.storage import ObjectStore, UnsafeKey, open_store
+
+BUCKET = "sculptor-test"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def store(s3_endpoint, request):
+    # A prefix per test: tests share the bucket but not their keys.
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.originalname)
+    return ObjectStore(f"s3://{BUCKET}/{name}-{digest}", endpoint_url=s3_endpoint)
+
+
+def bucket_keys(s3, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def test_bytes_round_trip(store, s3):
+    prefix = store.root.split("/", 1)[1]
+    uri = store.put_bytes("datasets/t1/train.jsonl", b'{"prompt": "a", "completion": "b"}\n')
+    assert uri == f"s3://{BUCKET}/{prefix}/datasets/t1/train.jsonl"
+    assert store.key_of(uri) == "datasets/t1/train.jsonl"
+    assert store.get_bytes("datasets/t1/train.jsonl") == b'{"prompt": "a", "completion": "b"}\n'
+    assert store.exists("datasets/t1/train.jsonl")
+    assert not store.exists("datasets/t1/eval.jsonl")
+    # Overwrite replaces; the temporary ".partial" object of the atomic write is gone.
+    store.put_bytes("datasets/t1/train.jsonl", b"v2")
+    assert store.get_bytes("datasets/t1/train.jsonl") == b"v2"
+    assert bucket_keys(s3, prefix + "/") == [f"{prefix}/datasets/t1/train.jsonl"]
+    # Binary payloads survive unchanged.
+    blob = bytes(range(256)) * 4096
+    store.put_bytes("blobs/all-bytes.bin", blob)
+    assert store.get_bytes("blobs/all-bytes.bin") == blob
+
+
+def test_missing_key_raises(store):
+    with pytest.raises(FileNotFoundError):
+        store.get_bytes("nothing/here.json")
+
+
+def test_files_list_and_delete(store, s3, tmp_path):
+    prefix = store.root.split("/", 1)[1]
+    for name, content in {"a.txt": b"a", "sub/b.txt": b"bb", "sub/deeper/c.txt": b"ccc"}.items():
+        local = tmp_path / "up" / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(content)
+        assert store.put_file(local, f"jobs/j1/{name}") == store.uri(f"jobs/j1/{name}")
+    store.put_bytes("jobs/j2/other.txt", b"x")
+
+    assert store.list("jobs/j1") == ["jobs/j1/a.txt", "jobs/j1/sub/b.txt", "jobs/j1/sub/deeper/c.txt"]
+    assert store.list("jobs/j1/sub/deeper") == ["jobs/j1/sub/deeper/c.txt"]
+    assert store.list("jobs/none") == []
+
+    got = store.get_file("jobs/j1/sub/deeper/c.txt", tmp_path / "down" / "nested" / "c.txt")
+    assert got.read_bytes() == b"ccc"
+
+    store.delete("jobs/j1")
+    assert store.list("jobs/j1") == []
+    assert not store.exists("jobs/j1/a.txt")
+    assert store.list("jobs/j2") == ["jobs/j2/other.txt"], "deleting one prefix leaves its siblings"
+    assert bucket_keys(s3, prefix + "/") == [f"{prefix}/jobs/j2/other.txt"]
+    store.delete("jobs/j1")  # deleting what is already gone is not an error
+
+
+def test_safetensors_checkpoint_directory_round_trip(store, s3, tmp_path):
+    """A checkpoint-like directory (weights, config, tokenizer) up and down again, bit for bit."""
+    prefix = store.root.split("/", 1)[1]
+    src = tmp_path / "v1"
+    src.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 128, generator=generator),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(128, 256, generator=generator).to(torch.bfloat16),
+        "model.embed_tokens.weight": torch.randn(100, 128, generator=generator),
+    }
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt", "version": "v1"})
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    (src / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+
+    for path in sorted(src.rglob("*")):
+        store.put_file(path, f"checkpoints/v1/{path.relative_to(src).as_posix()}")
+    keys = store.list("checkpoints/v1")
+    assert keys == ["checkpoints/v1/config.json", "checkpoints/v1/model.safetensors", "checkpoints/v1/tokenizer.json"]
+    assert bucket_keys(s3, f"{prefix}/checkpoints/") == [f"{prefix}/{k}" for k in keys]
+
+    dst = tmp_path / "cache" / "v1"
+    for key in keys:
+        store.get_file(key, dst / key.rsplit("/", 1)[1])
+    loaded = load_file(dst / "model.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor), name
+    assert (dst / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert json.loads((dst / "config.json").read_text())["hidden_size"] == 128
+
+
+def test_open_store_uses_the_configured_endpoint(s3_endpoint, s3, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    settings = Settings(object_store_url=f"s3://{BUCKET}/from-settings", s3_endpoint_url=s3_endpoint,
+                        var_dir=tmp_path / "var")
+    store = open_store(settings)
+    assert store.protocol == "s3"
+    store.put_bytes("registry/v0/bases.json", b"{}")
+    assert bucket_keys(s3, "from-settings/") == ["from-settings/registry/v0/bases.json"]
+    assert not (tmp_path / "var").exists(), "an S3 store writes nothing locally"
+
+
+UNSAFE_KEYS = [
+    "../escape",
+    "a/../../escape",
+    "a/..",
+    "..",
+    ".",
+    "./a",
+    "a/./b",
+    "/etc/passwd",
+    "/absolute",
+    "",
+    "a//b",
+    "a/b/",
+    "a\\..\\b",
+    "s3://other-bucket/x",
+    "a/b c",
+    "a\x00b",
+]
+
+
+@pytest.mark.parametrize("key", UNSAFE_KEYS)
+def test_unsafe_keys_are_refused(store, s3, tmp_path, key):
+    before = bucket_keys(s3)
+    local = tmp_path / "payload"
+    local.write_bytes(b"payload")
+    operations = [
+        lambda: store.put_bytes(key, b"payload"),
+        lambda: store.get_bytes(key),
+        lambda: store.exists(key),
+        lambda: store.put_file(local, key),
+        lambda: store.get_file(key, tmp_path / "out"),
+        lambda: store.list(key),
+        lambda: store.delete(key),
+    ]
+    for operation in operations:
+        with pytest.raises(UnsafeKey):
+            operation()
+    assert bucket_keys(s3) == before, "a refused key writes nothing"
+    assert not (tmp_path / "out").exists()
+
+
+def test_uris_outside_the_store_are_refused(store):
+    with pytest.raises(UnsafeKey):
+        store.key_of("s3://other-bucket/x")
+    with pytest.raises(UnsafeKey):
+        store.key_of(store.url + "-sibling/x")  # a prefix that merely starts with the store's name
+    assert store.key_of(store.uri("a/b")) == "a/b"
+
+
+def test_a_refused_delete_leaves_the_bucket_alone(store, s3):
+    """Deleting with an escaping key must not touch other prefixes or other users of the bucket."""
+    s3.put_object(Bucket=BUCKET, Key="someone-else/keep.txt", Body=b"keep")
+    store.put_bytes("mine.txt", b"mine")
+    for key in ("..", "../someone-else", "/"):
+        with pytest.raises(UnsafeKey):
+            store.delete(key)
+    assert s3.get_object(Bucket=BUCKET, Key="someone-else/keep.txt")["Body"].read() == b"keep"
+    assert store.get_bytes("mine.txt") == b"mine"
