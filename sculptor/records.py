@@ -1,0 +1,240 @@
+"""Records shared by the gateway and the workers: tasks, jobs and model versions, kept in Redis.
+
+Every record is one JSON string under a `sculptor:` key, with a sorted set per kind for
+listing in order of creation. Job updates go through `JobStore.update`, which also appends an
+event and publishes it, so `GET /jobs/{id}/events` sees every transition and progress update.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from sculptor.datasets import Hyperparameters, Metric
+
+JobStatus = Literal["validating", "queued", "running", "evaluating", "promoted", "rejected", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"promoted", "rejected", "failed", "cancelled"})
+
+PREFIX = "sculptor"
+PROMOTIONS_CHANNEL = f"{PREFIX}:promotions"
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex[:16]}"
+
+
+class TaskRecord(BaseModel):
+    task_id: str
+    name: str
+    metric: Metric = "exact_match"
+    digest: str
+    dataset_uri: str
+    eval_uri: str | None = None
+    num_examples: int
+    num_eval_examples: int = 0
+    size_bytes: int
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    webhook_url: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    task_id: str
+    status: JobStatus = "validating"
+    created_at: float = Field(default_factory=now)
+    timestamps: dict[str, float] = Field(default_factory=dict)
+    progress: Progress = Field(default_factory=Progress)
+    parent_version: str | None = None
+    candidate_version: str | None = None
+    gates: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+class ModelVersion(BaseModel):
+    version: str
+    parent: str | None = None
+    task_id: str | None = None
+    job_id: str | None = None
+    checkpoint_uri: str
+    created_at: float = Field(default_factory=now)
+    promoted_at: float | None = None
+    forced: bool = False
+    gate_summary: dict[str, Any] | None = None
+
+
+class JobEnded(RuntimeError):
+    """A status change to a job that already reached a terminal state (e.g. cancelled meanwhile)."""
+
+
+class _JsonStore:
+    kind: str
+    model: type[BaseModel]
+
+    def __init__(self, client: redis.Redis):
+        self.r = client
+
+    def _key(self, ident: str) -> str:
+        return f"{PREFIX}:{self.kind}:{ident}"
+
+    def _index(self) -> str:
+        return f"{PREFIX}:{self.kind}s"
+
+    def put(self, ident: str, record: BaseModel, created_at: float) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(self._key(ident), record.model_dump_json())
+        pipe.zadd(self._index(), {ident: created_at}, nx=True)
+        pipe.execute()
+
+    def get(self, ident: str):
+        raw = self.r.get(self._key(ident))
+        return None if raw is None else self.model.model_validate_json(raw)
+
+    def ids(self, offset: int = 0, limit: int = -1, newest_first: bool = True) -> list[str]:
+        end = -1 if limit < 0 else offset + limit - 1
+        fetch = self.r.zrevrange if newest_first else self.r.zrange
+        return [i.decode() if isinstance(i, bytes) else i for i in fetch(self._index(), offset, end)]
+
+    def all(self, newest_first: bool = True) -> list:
+        ids = self.ids(newest_first=newest_first)
+        raws = self.r.mget([self._key(i) for i in ids]) if ids else []
+        return [self.model.model_validate_json(raw) for raw in raws if raw is not None]
+
+    def count(self) -> int:
+        return self.r.zcard(self._index())
+
+
+class TaskStore(_JsonStore):
+    kind, model = "task", TaskRecord
+
+    def add(self, task: TaskRecord) -> None:
+        self.put(task.task_id, task, task.created_at)
+
+
+class JobStore(_JsonStore):
+    kind, model = "job", JobRecord
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self._key(job_id)}:events"
+
+    def channel(self, job_id: str) -> str:
+        return f"{PREFIX}:job-events:{job_id}"
+
+    def add(self, job: JobRecord) -> None:
+        job.timestamps.setdefault(job.status, job.created_at)
+        self.put(job.job_id, job, job.created_at)
+        self.r.zadd(f"{PREFIX}:jobs:task:{job.task_id}", {job.job_id: job.created_at})
+        self._emit(job.job_id, {"type": "status", "status": job.status, "at": job.created_at})
+
+    def update(self, job_id: str, **changes) -> JobRecord:
+        """Apply `changes` atomically (optimistic lock) and emit the matching events."""
+        key = self._key(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise KeyError(job_id)
+                    job = JobRecord.model_validate_json(raw)
+                    old_status = job.status
+                    if old_status in TERMINAL and changes.get("status", old_status) != old_status:
+                        raise JobEnded(f"job {job_id} already ended as {old_status}")
+                    job = job.model_copy(update=changes)
+                    job = JobRecord.model_validate(job.model_dump())
+                    if job.status != old_status:
+                        job.timestamps[job.status] = now()
+                    pipe.multi()
+                    pipe.set(key, job.model_dump_json())
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        if job.status != old_status:
+            self._emit(job_id, {"type": "status", "status": job.status, "at": job.timestamps[job.status],
+                                "error": job.error})
+        if "progress" in changes:
+            self._emit(job_id, {"type": "progress", **job.progress.model_dump(), "at": now()})
+        return job
+
+    def _emit(self, job_id: str, event: dict) -> None:
+        payload = json.dumps(event)
+        pipe = self.r.pipeline()
+        pipe.rpush(self.events_key(job_id), payload)
+        pipe.publish(self.channel(job_id), payload)
+        pipe.execute()
+
+    def events(self, job_id: str, start: int = 0) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self.events_key(job_id), start, -1)]
+
+    def for_task(self, task_id: str) -> list[str]:
+        return [i.decode() if isinstance(i, bytes) else i
+                for i in self.r.zrange(f"{PREFIX}:jobs:task:{task_id}", 0, -1)]
+
+
+class VersionStore(_JsonStore):
+    """The lineage: every promoted (or force-promoted) version, and which one is serving."""
+
+    kind, model = "version", ModelVersion
+    current_key = f"{PREFIX}:current"
+
+    def add(self, version: ModelVersion) -> None:
+        self.put(version.version, version, version.created_at)
+
+    def next_name(self) -> str:
+        return f"v{self.r.incr(f'{PREFIX}:version-seq')}"
+
+    def current(self) -> str | None:
+        raw = self.r.get(self.current_key)
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def promote(self, version: ModelVersion) -> None:
+        """Record `version` in the lineage, make it current, and tell every gateway."""
+        version.promoted_at = now()
+        pipe = self.r.pipeline()
+        pipe.set(self._key(version.version), version.model_dump_json())
+        pipe.zadd(self._index(), {version.version: version.created_at}, nx=True)
+        pipe.set(self.current_key, version.version)
+        pipe.publish(PROMOTIONS_CHANNEL, json.dumps({"version": version.version,
+                                                     "checkpoint_uri": version.checkpoint_uri}))
+        pipe.execute()
+
+    def activate(self, name: str) -> ModelVersion:
+        version = self.get(name)
+        if version is None:
+            raise KeyError(name)
+        pipe = self.r.pipeline()
+        pipe.set(self.current_key, name)
+        pipe.publish(PROMOTIONS_CHANNEL, json.dumps({"version": name, "checkpoint_uri": version.checkpoint_uri}))
+        pipe.execute()
+        return version
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)

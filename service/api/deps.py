@@ -1,0 +1,16 @@
+"""What routes receive: the shared context and the serving model (set up in service/app.py)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from sculptor.context import Context
+from service.hotswap import ServingModel
+
+
+def get_ctx(request: Request) -> Context:
+    return request.app.state.ctx
+
+
+def get_serving(request: Request) -> ServingModel:
+    return request.app.state.serving

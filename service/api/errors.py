@@ -1,0 +1,62 @@
+"""Errors as JSON a person can act on: `{"error": {"code", "message", "type", "line"?}}`.
+
+The same shape serves the native API and the OpenAI-compatible routes (OpenAI clients read
+`message`, `type` and `code`). Nothing else leaves the gateway: no stack traces.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("sculptor.gateway")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, line: int | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.line, self.headers = status, code, message, line, headers
+
+
+def error_body(status: int, code: str, message: str, line: int | None = None) -> dict:
+    body = {"code": code, "message": message, "type": _TYPES.get(status, "server_error")}
+    if line is not None:
+        body["line"] = line
+    return {"error": body}
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.line), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return JSONResponse(error_body(422, "invalid_request", _validation_message(exc)), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(exc.status_code, code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, "internal_error", "internal error; see the gateway log"), 500)

@@ -1,0 +1,64 @@
+"""POST /generate: the simple form of generation. Answers carry the version that produced them."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sse_starlette.sse import EventSourceResponse
+
+from service.api.deps import get_serving
+from service.generation import collect, open_stream
+from service.engines.base import SamplingOptions
+from service.hotswap import ServingModel
+
+router = APIRouter(tags=["generate"])
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def options(self) -> SamplingOptions:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingOptions(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, response: Response, serving: ServingModel = Depends(get_serving)):
+    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    stream = await open_stream(serving, body.prompt, messages, body.options())
+    if body.stream:
+        async def events():
+            async for chunk in stream.chunks:
+                data = {"text": chunk.text, "model_version": stream.version}
+                if chunk.finish_reason:
+                    data |= {"finish_reason": chunk.finish_reason, "usage": stream.usage(chunk)}
+                yield {"data": json.dumps(data)}
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(events(), headers={"X-Model-Version": stream.version})
+    text, last = await collect(stream)
+    response.headers["X-Model-Version"] = stream.version
+    return {"text": text, "model_version": stream.version, "finish_reason": last.finish_reason,
+            "usage": stream.usage(last)}

@@ -1,0 +1,35 @@
+"""GET /healthz (process alive), GET /readyz (Redis reachable, engine loaded), GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sculptor.context import Context
+from service.api.deps import get_ctx, get_serving
+from service.hotswap import ServingModel
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
+    checks = {"engine_loaded": serving.ready, "serving_version": serving.version}
+    try:
+        checks["redis"] = bool(ctx.redis.ping())
+    except Exception as err:
+        checks["redis"] = False
+        checks["redis_error"] = str(err)
+    ready = checks["redis"] and serving.ready
+    response.status_code = 200 if ready else 503
+    return {"ready": ready, **checks}
+
+
+@router.get("/metrics")
+async def prometheus_metrics():
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

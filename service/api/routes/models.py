@@ -1,0 +1,32 @@
+"""GET /models (the lineage), POST /models/{version}/activate (rollback or roll forward)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from sculptor.context import Context
+from service.api.deps import get_ctx, get_serving
+from service.api.errors import ApiError
+from service.hotswap import ServingModel
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/models")
+async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
+    current = ctx.versions.current()
+    versions = [{**v.model_dump(), "current": v.version == current, "serving": v.version == serving.version}
+                for v in ctx.versions.all(newest_first=False)]
+    return {"current": current, "serving": serving.version, "versions": versions}
+
+
+@router.post("/models/{version}/activate")
+async def activate(version: str, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
+    if ctx.versions.get(version) is None:
+        raise ApiError(404, "model_not_found", f"no promoted version {version!r}; see GET /models")
+    serving.refused.discard(version)
+    record = await serving.swap_to(version)
+    if not record.ok:
+        raise ApiError(409, "swap_failed", f"{record.error}; still serving {serving.version}")
+    ctx.versions.activate(version)  # other gateways follow through the promotion channel
+    return {"serving": serving.version, "swap": record.__dict__}

@@ -1,0 +1,82 @@
+"""The gateway: FastAPI app factory. Run with `uvicorn service.app:create_app --factory`.
+
+At start-up it connects to Redis and the object store, loads the current model version into the
+engine, and follows promotions for as long as it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from sculptor.config import Settings, get_settings
+from sculptor.context import Context
+from service import metrics
+from service.api import errors
+from service.api.routes import generate, health, jobs, models, tasks
+from service.engines.base import Engine
+from service.hotswap import ServingModel
+
+log = logging.getLogger("sculptor.gateway")
+
+
+def make_engine(settings: Settings) -> Engine:
+    kind = settings.engine
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+
+            kind = "vllm"
+        except ImportError:
+            kind = "transformers"
+    if kind == "vllm":
+        from service.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(settings.engine_dtype, settings.engine_max_model_len, settings.engine_max_num_seqs,
+                          settings.engine_enforce_eager)
+    from service.engines.hf_engine import TransformersEngine
+
+    return TransformersEngine(settings.engine_dtype, settings.engine_max_model_len)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    ctx: Context = app.state.ctx
+    serving = ServingModel(ctx, make_engine(ctx.settings))
+    app.state.serving = serving
+    version = ctx.versions.current()
+    if version is None:
+        raise RuntimeError("no model version is registered: start Sculptor with `make run` (it registers v0)")
+    log.info("loading %s into the %s engine", version, serving.engine.name)
+    await serving.start(version)
+    follower = asyncio.create_task(serving.follow_promotions())
+    try:
+        yield
+    finally:
+        follower.cancel()
+        await serving.engine.shutdown()
+
+
+async def record_request(request: Request, call_next):
+    started = time.monotonic()
+    response = await call_next(request)
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    metrics.LATENCY.labels(route).observe(time.monotonic() - started)
+    return response
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="Sculptor", version="0.1.0", lifespan=lifespan,
+                  description="A model server that keeps learning without forgetting.")
+    app.state.ctx = Context.from_settings(settings)
+    errors.install(app)
+    app.middleware("http")(record_request)
+    for module in (tasks, jobs, generate, models, health):
+        app.include_router(module.router)
+    return app

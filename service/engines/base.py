@@ -1,0 +1,52 @@
+"""The engine interface: one model version loaded, streamed generation, and an in-place reload.
+
+Two implementations: vLLM (`vllm_engine.py`, the default where importable) and transformers
+(`hf_engine.py`, the fallback). The swap protocol (verify, pause, reload, resume, roll back)
+lives in `service/hotswap.py`, once, for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+
+@dataclass
+class SamplingOptions:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output; the last one carries `finish_reason` and the token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class Engine(Protocol):
+    name: str
+    max_model_len: int
+
+    async def start(self, model_dir: Path) -> None: ...
+
+    def generate(self, prompt_ids: list[int], options: SamplingOptions, request_id: str) -> AsyncIterator[Chunk]: ...
+
+    async def pause(self) -> None: ...
+
+    async def reload(self, model_dir: Path) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

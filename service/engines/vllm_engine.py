@@ -1,0 +1,70 @@
+"""vLLM in-process (AsyncLLM), the default engine.
+
+Why in-process rather than vLLM's own OpenAI server behind the gateway: the gateway then owns the
+swap directly (pause/reload/resume are method calls, not dev-mode HTTP endpoints that must never
+leave loopback), there is no second HTTP hop on every token, and version bookkeeping cannot drift
+between two processes. AsyncLLM still runs the model in its own engine-core process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+from service.engines.base import Chunk, SamplingOptions
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, dtype: str, max_model_len: int, max_num_seqs: int, enforce_eager: bool):
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.enforce_eager = enforce_eager
+        self.llm = None
+
+    async def start(self, model_dir: Path) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, enforce_eager=self.enforce_eager, disable_log_stats=True,
+            seed=0,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+
+    async def generate(self, prompt_ids: list[int], options: SamplingOptions, request_id: str) -> AsyncIterator[Chunk]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
+            stop=options.stop or None, seed=options.seed,
+        )
+        sent = 0
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=request_id):
+            completion = out.outputs[0]
+            delta = completion.text[sent:]
+            sent = len(completion.text)
+            if out.finished:
+                yield Chunk(delta, completion.finish_reason or "stop", len(prompt_ids), len(completion.token_ids))
+            elif delta:
+                yield Chunk(delta)
+
+    async def pause(self) -> None:
+        # "keep" freezes in-flight requests in the queue; they continue after resume.
+        await self.llm.pause_generation(mode="keep", clear_cache=False)
+
+    async def reload(self, model_dir: Path) -> None:
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        await self.llm.reset_prefix_cache()  # cached prefixes were computed by the old weights
+
+    async def resume(self) -> None:
+        await self.llm.resume_generation()
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None

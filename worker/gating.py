@@ -1,0 +1,104 @@
+"""The gate step of a job: score the candidate, compare it with its parent, keep the scores.
+
+Every version's scores are stored once (Redis key `sculptor:scores:{version}`), so a job scores
+only its candidate, plus the parent on the new task's eval set (the parent has never seen it).
+The accuracy matrix R[version][task] is the task part of those scores; promotion adds the
+lineage's AA and BWT to the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sculptor.context import Context
+from sculptor.datasets import Example
+from sculptor.records import TaskRecord
+from worker import gates
+
+SCORES_KEY = "sculptor:scores:{}"
+
+
+def load_scores(ctx: Context, version: str) -> gates.VersionScores | None:
+    raw = ctx.redis.get(SCORES_KEY.format(version))
+    return gates.VersionScores.model_validate_json(raw) if raw else None
+
+
+def save_scores(ctx: Context, version: str, scores: gates.VersionScores) -> None:
+    ctx.redis.set(SCORES_KEY.format(version), scores.model_dump_json())
+
+
+def lineage(ctx: Context, version: str | None) -> list[str]:
+    """Versions from v0 to `version`, following parents."""
+    chain = []
+    while version:
+        chain.append(version)
+        record = ctx.versions.get(version)
+        version = record.parent if record else None
+    return chain[::-1]
+
+
+def lineage_tasks(ctx: Context, version: str) -> list[tuple[str, str]]:
+    """(version, task_id) for every version in the lineage that learned a task, oldest first."""
+    out = []
+    for v in lineage(ctx, version):
+        record = ctx.versions.get(v)
+        if record and record.task_id:
+            out.append((v, record.task_id))
+    return out
+
+
+def eval_examples(ctx: Context, task: TaskRecord) -> list[Example]:
+    from worker.pipeline import load_examples
+
+    return load_examples(ctx, task.eval_uri) if task.eval_uri else []
+
+
+def suites(ctx: Context) -> gates.Suites:
+    s = ctx.settings
+    sizes = gates.SuiteSizes(harmful=s.gate_harmful_items, benign=s.gate_benign_items, ifeval=s.gate_ifeval_items,
+                             general_text=s.gate_general_text_items)
+    paths = {name: Path(p) if p else None for name, p in (
+        ("harmful", s.gate_harmful_suite), ("benign", s.gate_benign_suite),
+        ("ifeval", s.gate_ifeval_suite), ("general_text", s.gate_general_text_suite))}
+    return gates.load_suites(sizes=sizes, **paths)
+
+
+def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: str,
+                       candidate_dir: Path, parent_dir: Path) -> dict:
+    """Score `candidate`, gate it against `parent`, and return the JSON-able gate report."""
+    task_evals = {}
+    for _, task_id in lineage_tasks(ctx, parent) + [(candidate, task.task_id)]:
+        record = ctx.tasks.get(task_id)
+        examples = eval_examples(ctx, record)
+        if examples:
+            task_evals[task_id] = (record.metric, examples)
+    the_suites = suites(ctx)
+    parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
+                                   reuse=load_scores(ctx, parent))
+    save_scores(ctx, parent, parent_scores)
+    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites)
+    save_scores(ctx, candidate, candidate_scores)
+    thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
+    overrides = {t: ctx.tasks.get(t).hyperparameters.gate_thresholds for t in task_evals}
+    report = gates.decide(candidate_scores, parent_scores, task.task_id, thresholds,
+                          {t: o for t, o in overrides.items() if o})
+    return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds}
+
+
+def accuracy_matrix(ctx: Context, version: str) -> dict:
+    """R[version][task] over the lineage of `version`, with AA and BWT."""
+    learned = lineage_tasks(ctx, version)
+    rows = {}
+    for v in lineage(ctx, version):
+        scores = load_scores(ctx, v)
+        if scores:
+            rows[v] = {t: s.mean for t, s in scores.tasks.items()}
+    versions = [v for v, _ in learned]
+    tasks = [t for _, t in learned]
+    complete = bool(learned) and all(v in rows for v in versions) and all(
+        t in rows[versions[-1]] and t in rows[v] for v, t in learned)
+    return {
+        "R": rows, "versions": versions, "tasks": tasks,
+        "AA": gates.average_accuracy(rows, versions, tasks) if complete else None,
+        "BWT": gates.backward_transfer(rows, versions, tasks) if complete else None,
+    }

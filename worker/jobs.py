@@ -1,0 +1,45 @@
+"""The Celery task that runs a training job.
+
+Two locks make a job safe to deliver more than once (acks_late re-delivers a job whose worker
+died or outlived the visibility timeout): a per-job lock, so the same job never runs twice at
+once, and the lineage lock, so jobs build on each other one at a time and the lineage stays linear.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sculptor.context import Context
+from sculptor.locks import LockBusy, held_lock
+from worker import pipeline
+from worker.celery_app import TRAIN_TASK, app
+
+log = logging.getLogger("sculptor.worker")
+
+_ctx: Context | None = None
+
+
+def context() -> Context:
+    global _ctx
+    if _ctx is None:
+        _ctx = Context.from_settings()
+    return _ctx
+
+
+@app.task(name=TRAIN_TASK, bind=True)
+def train_job(self, job_id: str) -> str | None:
+    ctx = context()
+    ttl = ctx.settings.job_lock_ttl_s
+    try:
+        with held_lock(ctx.redis, f"job:{job_id}", ttl, wait_s=0):
+            with held_lock(ctx.redis, "lineage", ttl, wait_s=None):
+                job = pipeline.run_job(ctx, job_id)
+    except LockBusy:
+        log.warning("job %s is already running elsewhere; dropping this duplicate delivery", job_id)
+        return None
+    except Exception as err:  # anything unexpected: the job fails with the reason, nothing is promoted
+        log.exception("job %s failed", job_id)
+        ctx.jobs.update(job_id, status="failed", error=f"{type(err).__name__}: {err}")
+        return "failed"
+    return job.status if job else None
+

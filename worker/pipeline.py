@@ -1,0 +1,129 @@
+"""One training job, start to finish: load → train → save candidate → gate → promote.
+
+Each step is one function below; `run_job` is the whole flow in one screen. The job record
+moves queued → running → evaluating → promoted | rejected | failed | cancelled, and nothing
+is promoted unless every step before it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sculptor import checkpoints
+from sculptor.context import Context
+from sculptor.datasets import Example
+from sculptor.records import JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
+from worker import osft
+from worker import gating
+from worker.training import data as training_data
+from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
+
+log = logging.getLogger("sculptor.worker")
+
+
+@dataclass
+class Candidate:
+    version: str
+    checkpoint_uri: str
+    model_dir: Path
+    parent_dir: Path
+    training: dict
+
+
+def run_job(ctx: Context, job_id: str) -> JobRecord:
+    job = ctx.jobs.get(job_id)
+    if job is None or job.finished:
+        return job  # a re-delivery of a job that already ended: nothing to do
+    if job.cancel_requested:
+        return ctx.jobs.update(job_id, status="cancelled", error="cancelled before it started")
+    parent = ctx.versions.current()
+    try:
+        job = ctx.jobs.update(job_id, status="running", parent_version=parent, attempts=job.attempts + 1,
+                              error=None, progress=Progress())
+    except JobEnded:
+        return ctx.jobs.get(job_id)  # cancelled between the check above and now
+    task = ctx.tasks.get(job.task_id)
+    try:
+        candidate = train_candidate(ctx, job, task, parent)
+        ctx.jobs.update(job_id, status="evaluating", candidate_version=candidate.version,
+                        training=candidate.training)
+        report = gating.evaluate_candidate(ctx, task, parent, candidate.version, candidate.model_dir,
+                                           candidate.parent_dir)
+        if not report["passed"]:
+            return ctx.jobs.update(job_id, status="rejected", gates=report, error=report["summary"])
+        promote(ctx, job, task, candidate, report)
+        report["lineage"] = gating.accuracy_matrix(ctx, candidate.version)
+        return ctx.jobs.update(job_id, status="promoted", gates=report)
+    except TrainingCancelled as err:
+        return ctx.jobs.update(job_id, status="cancelled", error=str(err))
+    except NonFiniteLoss as err:
+        return ctx.jobs.update(job_id, status="failed", error=str(err))
+
+
+def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str) -> Candidate:
+    settings = ctx.settings
+    hp = task.hyperparameters
+    parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
+    model, tokenizer = load_model(parent_dir)
+    examples = load_examples(ctx, task.dataset_uri)
+    max_len = hp.max_seq_len or settings.default_max_seq_len
+    tokenized = [training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len)
+                 for e in examples]
+    batch_size = hp.batch_size or settings.default_batch_size
+    epochs = hp.epochs or settings.default_epochs
+    batches = training_data.make_batches(tokenized, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
+    if hp.max_steps:
+        batches = batches[: hp.max_steps]
+    steps_per_epoch = max(1, -(-len(tokenized) // batch_size))
+
+    registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
+    constraint = osft.build_constraint(model, hp, parent, registry, batches[:4])
+    torch.manual_seed(hp.seed)
+    result = train(
+        model, batches, constraint,
+        learning_rate=hp.learning_rate or osft.default_learning_rate(hp.method),
+        steps_per_epoch=steps_per_epoch,
+        on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
+        should_stop=lambda: ctx.jobs.get(job.job_id).cancel_requested,
+    )
+    version = ctx.versions.next_name()
+    uri = checkpoints.save_model(ctx.store, model, tokenizer, version)
+    subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint)
+    training = {"steps": result.steps, "final_loss": result.final_loss, "mean_step_s": round(result.mean_step_s, 4),
+                "method": hp.method, "constraint": constraint.report(), "subspace": subspace}
+    del model
+    model_dir = checkpoints.fetch(ctx.store, version, settings.checkpoint_cache_dir)
+    return Candidate(version, uri, model_dir, parent_dir, training)
+
+
+def promote(ctx: Context, job: JobRecord, task: TaskRecord, candidate: Candidate, report: dict,
+            forced: bool = False) -> ModelVersion:
+    version = ModelVersion(
+        version=candidate.version, parent=job.parent_version, task_id=task.task_id, job_id=job.job_id,
+        checkpoint_uri=candidate.checkpoint_uri, forced=forced,
+        gate_summary={"passed": report["passed"], "summary": report["summary"], "failed": report["failed"]},
+    )
+    ctx.versions.promote(version)
+    log.info("promoted %s (job %s, task %s)", version.version, job.job_id, task.task_id)
+    return version
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_examples(ctx: Context, uri: str) -> list[Example]:
+    raw = ctx.store.get_bytes(ctx.store.key_of(uri))
+    return [Example.model_validate(json.loads(line)) for line in raw.decode().splitlines() if line.strip()]
+
