@@ -17,7 +17,7 @@ from sculptor.config import Settings, get_settings
 from sculptor.context import Context
 from service import metrics
 from service.api import errors
-from service.api.routes import generate, health, jobs, models, tasks
+from service.api.routes import generate, health, jobs, models, openai, tasks
 from service.engines.base import Engine
 from service.hotswap import ServingModel
 
@@ -77,6 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = Context.from_settings(settings)
     errors.install(app)
     app.middleware("http")(record_request)
-    for module in (tasks, jobs, generate, models, health):
+    for module in (tasks, jobs, generate, openai, models, health):
         app.include_router(module.router)
     return app
