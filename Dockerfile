@@ -157,7 +157,9 @@ STOPSIGNAL SIGTERM
 CMD ["python", "-m", "worker.main"]
 
 # ---------------------------------------------------------------------------------------------
-# The gateway with the vLLM engine in-process (the default target: last stage).
+# The gateway with the vLLM engine in-process (the default target: last stage). It serves the version
+# that Redis calls current: on a fresh install run the bootstrap step first (compose's `bootstrap`
+# service, the k8s gateway's init container), which publishes the base model as v0.
 FROM runtime AS gateway
 ENV SCULPTOR_HOST=0.0.0.0 \
     SCULPTOR_PORT=8000
@@ -165,4 +167,4 @@ EXPOSE 8000
 # Liveness only (/healthz); /readyz (engine loaded, Redis reachable) gates traffic in compose and k8s.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "30"]
+CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "30"]

@@ -9,8 +9,13 @@ Dockerfile's install steps matching the Makefile's.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from importlib.resources import files
 from pathlib import Path
@@ -79,7 +84,7 @@ def compose_env(service: dict) -> dict[str, str]:
 
 
 def settings_from_env(monkeypatch, env: dict[str, str]) -> Settings:
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("SCULPTOR_") or name == "REDIS_URL":
             monkeypatch.delenv(name)
     for name, value in env.items():
@@ -176,6 +181,30 @@ def dockerfile_arg_default(name: str) -> str:
     raise AssertionError(f"Dockerfile has no ARG {name}=default")
 
 
+def check_uvicorn_command(command: list[str]) -> None:
+    """`uvicorn module:attr [--factory] ... --port 8000`, where module:attr exists (and is a factory if so marked)."""
+    assert command[0] == "uvicorn"
+    module, _, attr = command[1].partition(":")
+    # Read the module's source rather than import it (that would load torch): the name must be defined
+    # at top level, as a function when uvicorn is told it is a factory.
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assigned = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    if "--factory" in command:
+        assert attr in functions, f"{command[1]} is not a function"
+    else:
+        assert attr in functions | assigned, f"{command[1]} is not defined"
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "8000"
+
+
+def bootstrap_commands() -> dict[str, list[str]]:
+    gateway = find("Deployment", "sculptor-gateway")
+    init = {c["name"]: c for c in pod_spec(gateway)["initContainers"]}
+    return {"compose": compose()["services"]["bootstrap"]["command"], "k8s": init["bootstrap"]["command"]}
+
+
 def makefile_text() -> str:
     return (ROOT / "Makefile").read_text()
 
@@ -192,14 +221,15 @@ def test_compose_matches_the_compose_specification():
 
 def test_compose_has_the_whole_stack_with_pinned_images():
     services = compose()["services"]
-    assert {"redis", "minio", "createbucket", "gateway", "worker", "flower"} <= set(services)
+    assert {"redis", "minio", "createbucket", "bootstrap", "gateway", "worker", "flower"} <= set(services)
     for name, service in services.items():
         assert "image" in service, f"service {name} has no image"
         check_pinned(service["image"])
-    for name in ("gateway", "worker", "flower"):
+    for name in ("gateway", "worker", "flower", "bootstrap"):
         build = services[name]["build"]
         assert build["context"] == "." and build["dockerfile"] == "Dockerfile"
-        assert build["target"] == name
+        assert build["target"] == ("gateway" if name == "bootstrap" else name)
+        assert services[name]["image"].split(":")[0] == f"sculptor-{build['target']}"
         assert build["target"] in {st for st, w, _ in dockerfile_instructions() if w == "FROM"}
 
 
@@ -222,6 +252,10 @@ def test_compose_gateway_waits_for_redis_minio_and_the_bucket():
     for dep in ("redis", "minio"):
         assert "healthcheck" in services[dep], f"{dep} needs a healthcheck for service_healthy to mean anything"
     assert services["createbucket"]["restart"] == "no"
+    # The gateway serves the current version: the bootstrap registers v0 first.
+    assert services["gateway"]["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+    assert services["bootstrap"]["restart"] == "no"
+    assert services["bootstrap"]["depends_on"] == services["worker"]["depends_on"]
 
 
 def test_compose_bucket_job_creates_the_configured_bucket(monkeypatch):
@@ -239,7 +273,7 @@ def test_compose_bucket_job_creates_the_configured_bucket(monkeypatch):
 
 def test_compose_services_are_configured_through_settings(monkeypatch):
     services = compose()["services"]
-    for name in ("gateway", "worker"):
+    for name in ("gateway", "worker", "bootstrap"):
         env = compose_env(services[name])
         check_sculptor_names(set(env), f"docker-compose service {name}")
         settings = settings_from_env(monkeypatch, env)
@@ -252,7 +286,8 @@ def test_compose_services_are_configured_through_settings(monkeypatch):
         assert s3.hostname == "minio" and s3.port == 9000
         assert "/data" in " ".join(services["minio"]["command"])
         assert str(settings.var_dir) == "/data"
-        assert any(v.endswith(":/data") for v in services[name]["volumes"])
+        if name != "bootstrap":
+            assert any(v.endswith(":/data") for v in services[name]["volumes"])
     # The MinIO root credentials are the ones the services present.
     minio_env = compose_env(services["minio"])
     gateway_env = compose_env(services["gateway"])
@@ -345,21 +380,22 @@ def test_k8s_references_resolve():
     for obj in k8s_objects():
         if obj["kind"] not in ("Deployment", "StatefulSet"):
             continue
-        c = container(obj)
-        for source in c.get("envFrom", []):
-            if "configMapRef" in source:
-                assert ("ConfigMap", source["configMapRef"]["name"]) in names
-            if "secretRef" in source:
-                assert ("Secret", source["secretRef"]["name"]) in names
-        for var in c.get("env", []):
-            ref = var.get("valueFrom", {}).get("configMapKeyRef")
-            if ref:
-                cm = find("ConfigMap", ref["name"])
-                assert ref["key"] in cm["data"]
-        volumes = {v["name"] for v in pod_spec(obj).get("volumes", [])}
-        volumes |= {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
-        for mount in c.get("volumeMounts", []):
-            assert mount["name"] in volumes, f"{obj['metadata']['name']}: volume {mount['name']}"
+        for c in pod_spec(obj)["containers"] + pod_spec(obj).get("initContainers", []):
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                if "secretRef" in source:
+                    assert ("Secret", source["secretRef"]["name"]) in names
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("configMapKeyRef")
+                if ref:
+                    cm = find("ConfigMap", ref["name"])
+                    assert ref["key"] in cm["data"]
+            volumes = {v["name"] for v in pod_spec(obj).get("volumes", [])}
+            volumes |= {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
+            assert c["image"] in {container(d)["image"] for d in k8s_objects() if d["kind"] in ("Deployment", "StatefulSet")}
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{obj['metadata']['name']}: volume {mount['name']}"
 
 
 def test_k8s_sculptor_env_names_are_settings(monkeypatch):
@@ -399,8 +435,7 @@ def test_k8s_gateway_probes_port_and_gpu():
     c = container(deployment)
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert port == {"http": 8000}
-    assert c["command"][:2] == ["uvicorn", "service.app:app"]
-    assert c["command"][c["command"].index("--port") + 1] == "8000"
+    check_uvicorn_command(c["command"])
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -455,8 +490,7 @@ def test_dockerfile_targets_and_entry_points():
     assert {"gateway", "worker", "flower", "runtime", "deps"} <= stages
     assert dockerfile_instructions()[-1][0] == "gateway", "the default target is the gateway"
     gateway_cmd = json.loads(stage_instructions("gateway", "CMD")[0])
-    assert gateway_cmd[:2] == ["uvicorn", "service.app:app"]
-    assert gateway_cmd[gateway_cmd.index("--port") + 1] == "8000"
+    check_uvicorn_command(gateway_cmd)
     assert "8000" in stage_instructions("gateway", "EXPOSE")
     assert json.loads(stage_instructions("worker", "CMD")[0]) == ["python", "-m", "worker.main"]
     # The k8s manifests run the same commands as the images.
@@ -526,3 +560,24 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     for path in copied:
         assert path not in patterns, f"the Dockerfile copies {path}, which .dockerignore excludes"
         assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_step_is_the_same_everywhere_and_registers_v0(redis_url, redis_client, tiny_model_dir, tmp_path):
+    """The compose one-shot and the k8s init container run one command; run it, twice, as they would."""
+    commands = bootstrap_commands()
+    assert commands["compose"] == commands["k8s"]
+    command = commands["k8s"]
+    assert command[:2] == ["python", "-c"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCULPTOR_") and k != "REDIS_URL"}
+    env.update(REDIS_URL=redis_url, SCULPTOR_OBJECT_STORE_URL=(tmp_path / "store").as_uri(),
+               SCULPTOR_VAR_DIR=str(tmp_path / "var"), SCULPTOR_BASE_MODEL_DIR=str(tiny_model_dir))
+    for _ in range(2):  # the second run finds v0 and changes nothing
+        result = subprocess.run([sys.executable, *command[1:]], env=env, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "serving version v0" in result.stdout
+    assert redis_client.keys("*"), "the bootstrap wrote the lineage to Redis"
+    assert (tmp_path / "store" / "checkpoints" / "v0" / "model.safetensors").exists()
