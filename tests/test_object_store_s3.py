@@ -9,11 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import pytest
 import torch
+import yaml
 from moto.server import ThreadedMotoServer
 from safetensors.torch import load_file, save_file
 
@@ -216,3 +221,23 @@ def test_a_refused_delete_leaves_the_bucket_alone(store, s3):
             store.delete(key)
     assert s3.get_object(Bucket=BUCKET, Key="someone-else/keep.txt")["Body"].read() == b"keep"
     assert store.get_bytes("mine.txt") == b"mine"
+
+
+def test_compose_bootstrap_publishes_v0_to_s3(s3_endpoint, s3, redis_url, redis_client, tiny_model_dir, tmp_path):
+    """docker-compose's bootstrap command against S3: the base model lands in the bucket as checkpoint v0."""
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+    command = compose["services"]["bootstrap"]["command"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCULPTOR_") and k != "REDIS_URL"}
+    env.update(REDIS_URL=redis_url, SCULPTOR_OBJECT_STORE_URL=f"s3://{BUCKET}/compose-store",
+               SCULPTOR_S3_ENDPOINT_URL=s3_endpoint, SCULPTOR_VAR_DIR=str(tmp_path / "var"),
+               SCULPTOR_BASE_MODEL_DIR=str(tiny_model_dir))
+    result = subprocess.run([sys.executable, *command[1:]], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "serving version v0" in result.stdout
+    keys = bucket_keys(s3, "compose-store/checkpoints/v0/")
+    assert "compose-store/checkpoints/v0/model.safetensors" in keys
+    assert "compose-store/checkpoints/v0/config.json" in keys
+    # What was uploaded is the base model, byte for byte.
+    body = s3.get_object(Bucket=BUCKET, Key="compose-store/checkpoints/v0/model.safetensors")["Body"].read()
+    assert body == (tiny_model_dir / "model.safetensors").read_bytes()
