@@ -95,7 +95,27 @@ def fetch(store: ObjectStore, version: str, cache_dir: Path) -> Path:
     return target
 
 
-def check_safetensors_header(path: Path) -> None:
+def tensor_layout(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, read from the safetensors headers alone."""
+    layout = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        header = check_safetensors_header(path)
+        layout.update({k: t["shape"] for k, t in header.items() if k != "__metadata__"})
+    return layout
+
+
+def check_same_layout(new_dir: Path, serving_dir: Path) -> None:
+    """A version can replace the serving one in place only if every tensor keeps its name and shape."""
+    new, old = tensor_layout(new_dir), tensor_layout(serving_dir)
+    if new != old:
+        missing = sorted(set(old) - set(new))[:3]
+        extra = sorted(set(new) - set(old))[:3]
+        reshaped = sorted(k for k in set(new) & set(old) if new[k] != old[k])[:3]
+        raise CorruptCheckpoint(f"{new_dir.name} does not fit the serving model's architecture "
+                                f"(missing {missing}, unexpected {extra}, reshaped {reshaped})")
+
+
+def check_safetensors_header(path: Path) -> dict:
     """The header must be JSON describing tensors that exactly tile the file's data section."""
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -112,3 +132,4 @@ def check_safetensors_header(path: Path) -> None:
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         raise CorruptCheckpoint(f"{path.name}: data section does not match the header (truncated?)")
+    return header

@@ -76,6 +76,7 @@ class ServingModel:
             started = time.monotonic()
             try:
                 model_dir = await asyncio.to_thread(self._fetch, version)
+                checkpoints.check_same_layout(model_dir, self.model_dir)
             except Exception as err:
                 return self._record(SwapRecord(version, self.version, False, time.monotonic() - started, 0.0,
                                                f"refused checkpoint {version}: {err}"))
