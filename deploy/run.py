@@ -41,10 +41,17 @@ class Stack:
         log.info("serving version %s (registry ready in %.1fs)", version, time.monotonic() - started)
         self._spawn("worker", [sys.executable, "-m", "worker.main"], env)
         self._spawn("gateway", [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-                                "--host", self.settings.host, "--port", str(self.settings.port),
+                                "--host", self.bind_host(), "--port", str(self.settings.port),
                                 "--log-level", "info"], env)
         log.info("gateway starting on http://%s:%d (ready when GET /readyz answers 200)",
                  self.settings.host, self.settings.port)
+
+    def bind_host(self) -> str:
+        """An open gateway (no API keys) listens on loopback only, whatever SCULPTOR_HOST says."""
+        if not self.settings.api_keys and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no API keys configured: binding to 127.0.0.1 instead of %s", self.settings.host)
+            return "127.0.0.1"
+        return self.settings.host
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> None:
         self.procs.append((name, subprocess.Popen(cmd, env=env)))

@@ -6,8 +6,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiKey(BaseModel):
+    name: str
+    key: str = ""  # the key itself, or
+    key_sha256: str = ""  # its SHA-256 hex digest, to keep plaintext keys out of the environment
+    scopes: list[Literal["generate", "tasks", "admin"]]
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if bool(self.key) == bool(self.key_sha256):
+            raise ValueError(f"API key {self.name!r}: give exactly one of 'key' or 'key_sha256'")
+        return self
 
 
 class Settings(BaseSettings):
@@ -38,6 +51,11 @@ class Settings(BaseSettings):
     engine_max_num_seqs: int = 32
     engine_enforce_eager: bool = False  # True skips vLLM's graph compilation (faster start, slower tokens)
     max_tokens_cap: int = 1024
+
+    # Access: no keys means an open gateway, which then binds to loopback only.
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    rate_limit_generate_per_min: int = 600  # per key (per client address when open); 0: unlimited
+    rate_limit_uploads_per_min: int = 30
 
     # Uploads
     max_upload_bytes: int = 50 * 1024 * 1024

@@ -17,6 +17,7 @@ from sculptor.config import Settings, get_settings
 from sculptor.context import Context
 from service import metrics
 from service.api import errors
+from service.api.security import KeyRing
 from service.api.routes import generate, health, jobs, models, openai, tasks
 from service.engines.base import Engine
 from service.hotswap import ServingModel
@@ -75,6 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Sculptor", version="0.1.0", lifespan=lifespan,
                   description="A model server that keeps learning without forgetting.")
     app.state.ctx = Context.from_settings(settings)
+    app.state.keyring = KeyRing(settings.api_keys)
+    if app.state.keyring.open:
+        log.warning("no API keys configured: the gateway is open to anyone who can reach it")
     errors.install(app)
     app.middleware("http")(record_request)
     for module in (tasks, jobs, generate, openai, models, health):

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import get_serving
+from service.api.security import require
 from service.generation import collect, open_stream
 from service.engines.base import SamplingOptions
 from service.hotswap import ServingModel
@@ -44,7 +45,7 @@ class GenerateRequest(BaseModel):
         return SamplingOptions(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
 
 
-@router.post("/generate")
+@router.post("/generate", dependencies=[require("generate", limit="generate")])
 async def generate(body: GenerateRequest, response: Response, serving: ServingModel = Depends(get_serving)):
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     stream = await open_stream(serving, body.prompt, messages, body.options())

@@ -12,8 +12,9 @@ from sculptor.context import Context
 from sculptor.records import TERMINAL
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
+from service.api.security import require
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], dependencies=[require("tasks")])
 
 
 def _job_or_404(ctx: Context, job_id: str):

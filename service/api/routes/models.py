@@ -7,12 +7,13 @@ from fastapi import APIRouter, Depends
 from sculptor.context import Context
 from service.api.deps import get_ctx, get_serving
 from service.api.errors import ApiError
+from service.api.security import require
 from service.hotswap import ServingModel
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[require("tasks")])
 async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     current = ctx.versions.current()
     versions = [{**v.model_dump(), "current": v.version == current, "serving": v.version == serving.version}
@@ -20,7 +21,7 @@ async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = D
     return {"current": current, "serving": serving.version, "versions": versions}
 
 
-@router.post("/models/{version}/activate")
+@router.post("/models/{version}/activate", dependencies=[require("admin")])
 async def activate(version: str, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     if ctx.versions.get(version) is None:
         raise ApiError(404, "model_not_found", f"no promoted version {version!r}; see GET /models")

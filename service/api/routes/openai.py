@@ -17,11 +17,13 @@ from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import get_serving
 from service.api.errors import ApiError
+from service.api.security import require
 from service.engines.base import SamplingOptions
 from service.generation import Stream, collect, open_stream
 from service.hotswap import ServingModel
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+generation = [require("generate", limit="generate")]
 
 
 class ChatMessage(BaseModel):
@@ -66,7 +68,7 @@ def _check_model(serving: ServingModel, name: str) -> None:
                        f"the model {name!r} does not exist: use 'current' or {serving.version!r} (see GET /v1/models)")
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[require("generate")])
 async def list_models(serving: ServingModel = Depends(get_serving)):
     created = int(time.time())
     return {"object": "list", "data": [
@@ -74,14 +76,14 @@ async def list_models(serving: ServingModel = Depends(get_serving)):
         for mid in (serving.version, "current") if mid]}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", dependencies=generation)
 async def chat_completions(body: ChatRequest, response: Response, serving: ServingModel = Depends(get_serving)):
     _check_model(serving, body.model)
     stream = await open_stream(serving, None, [m.model_dump() for m in body.messages], body.options())
     return await _answer(stream, body, response, chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", dependencies=generation)
 async def completions(body: CompletionRequest, response: Response, serving: ServingModel = Depends(get_serving)):
     _check_model(serving, body.model)
     stream = await open_stream(serving, body.prompt, None, body.options())

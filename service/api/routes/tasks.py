@@ -18,6 +18,7 @@ from sculptor.datasets import DatasetError, Example, Hyperparameters, Metric
 from sculptor.records import JobRecord, TaskRecord, new_id
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
+from service.api.security import require
 from worker.celery_app import enqueue
 from worker.gates.splits import split_eval
 
@@ -46,7 +47,7 @@ class TaskSubmission(BaseModel):
     size_bytes: int
 
 
-@router.post("/tasks", status_code=202)
+@router.post("/tasks", status_code=202, dependencies=[require("tasks", limit="upload")])
 async def create_task(request: Request, ctx: Context = Depends(get_ctx)):
     submission = await read_submission(request, ctx.settings.max_upload_bytes, ctx.settings.max_examples)
     task, job = store_and_enqueue(ctx, submission)
@@ -157,14 +158,14 @@ def store_and_enqueue(ctx: Context, sub: TaskSubmission) -> tuple[TaskRecord, Jo
     return task, job
 
 
-@router.get("/tasks")
+@router.get("/tasks", dependencies=[require("tasks")])
 async def list_tasks(offset: int = 0, limit: int = 50, ctx: Context = Depends(get_ctx)):
     ids = ctx.tasks.ids(offset, max(1, min(limit, 500)))
     return {"tasks": [ctx.tasks.get(i).model_dump() for i in ids], "total": ctx.tasks.count(),
             "offset": offset}
 
 
-@router.get("/tasks/{task_id}")
+@router.get("/tasks/{task_id}", dependencies=[require("tasks")])
 async def get_task(task_id: str, ctx: Context = Depends(get_ctx)):
     task = ctx.tasks.get(task_id)
     if task is None:

@@ -1,0 +1,105 @@
+"""API keys with scopes, and per-key rate limits.
+
+Keys come from settings (`SCULPTOR_API_KEYS`, JSON: `[{"name", "key" | "key_sha256", "scopes"}]`)
+and are kept only as SHA-256 digests, compared in constant time. Scopes: `generate` (generation
+routes), `tasks` (upload and status), `admin` (everything, plus activate and force-promote).
+With no keys configured the gateway is open, and then binds to loopback only (service/app.py).
+
+Rate limits are fixed one-minute windows counted in Redis per key (per client address when open);
+if Redis is away, requests are let through rather than failed: serving must outlive Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+
+from sculptor.config import ApiKey
+from service.api.errors import ApiError
+
+SCOPES = ("generate", "tasks", "admin")
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    scopes: frozenset[str]
+
+
+OPEN = Caller("anonymous", frozenset(SCOPES))
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    def __init__(self, keys: list[ApiKey]):
+        self.entries = [(k.key_sha256 or digest(k.key), Caller(k.name, frozenset(k.scopes))) for k in keys]
+
+    @property
+    def open(self) -> bool:
+        return not self.entries
+
+    def lookup(self, presented: str) -> Caller | None:
+        wanted = digest(presented)
+        found = None
+        for stored, caller in self.entries:  # no early exit: time does not depend on which key matched
+            if hmac.compare_digest(stored, wanted):
+                found = caller
+        return found
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def require(scope: str, limit: str | None = None):
+    """A dependency: the caller must hold `scope` (or admin); `limit` names a rate limit to apply."""
+
+    async def check(request: Request) -> Caller:
+        ring: KeyRing = request.app.state.keyring
+        caller = OPEN
+        if not ring.open:
+            presented = _presented_key(request)
+            if not presented:
+                raise ApiError(401, "missing_api_key", "send an API key as `Authorization: Bearer <key>`",
+                               headers={"WWW-Authenticate": "Bearer"})
+            caller = ring.lookup(presented)
+            if caller is None:
+                raise ApiError(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+            if scope not in caller.scopes and "admin" not in caller.scopes:
+                raise ApiError(403, "insufficient_scope", f"this key lacks the {scope!r} scope")
+        if limit:
+            _rate_limit(request, caller, limit)
+        return caller
+
+    return Depends(check)
+
+
+def _rate_limit(request: Request, caller: Caller, limit: str) -> None:
+    settings = request.app.state.ctx.settings
+    per_minute = {"generate": settings.rate_limit_generate_per_min, "upload": settings.rate_limit_uploads_per_min}[limit]
+    if per_minute <= 0:
+        return
+    who = caller.name if caller is not OPEN else (request.client.host if request.client else "unknown")
+    window = int(time.time() // 60)
+    key = f"sculptor:ratelimit:{limit}:{who}:{window}"
+    try:
+        pipe = request.app.state.ctx.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count = pipe.execute()[0]
+    except Exception:
+        return
+    if count > per_minute:
+        retry = 60 - int(time.time()) % 60
+        raise ApiError(429, "rate_limited", f"more than {per_minute} {limit} requests this minute; retry in {retry}s",
+                       headers={"Retry-After": str(retry)})
