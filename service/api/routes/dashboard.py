@@ -1,7 +1,9 @@
 """GET /accuracy (the accuracy matrix of the serving lineage) and GET /dashboard (a static page).
 
 The dashboard is plain HTML, JS and CSS under service/static/, served as files: no build step,
-no CDN. Its script reads only the public API (/models, /jobs, /tasks, /accuracy, /registry, /readyz).
+no CDN. Its script reads only the public API (/models, /jobs, /tasks, /accuracy, /registry, /readyz);
+the page itself holds no data, so it is served without a key, and the script sends the key the
+user types in (kept in the browser's localStorage) when the gateway asks for one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from sculptor.context import Context
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
+from service.api.security import require
 from worker.gating import accuracy_matrix
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
@@ -23,7 +26,7 @@ STATIC_FILES = {"dashboard.html": "text/html", "dashboard.js": "text/javascript"
 router = APIRouter(tags=["dashboard"])
 
 
-@router.get("/accuracy")
+@router.get("/accuracy", dependencies=[require("tasks")])
 async def accuracy(version: str | None = None, ctx: Context = Depends(get_ctx)):
     """R[version][task] over the lineage of `version` (default: the current version), with AA and BWT."""
     version = version or ctx.versions.current()
