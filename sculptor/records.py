@@ -152,8 +152,11 @@ class JobStore(_JsonStore):
         self.r.zadd(f"{PREFIX}:jobs:task:{job.task_id}", {job.job_id: job.created_at})
         self._emit(job.job_id, {"type": "status", "status": job.status, "at": job.created_at})
 
-    def update(self, job_id: str, **changes) -> JobRecord:
-        """Apply `changes` atomically (optimistic lock) and emit the matching events."""
+    def update(self, job_id: str, reopen: bool = False, **changes) -> JobRecord:
+        """Apply `changes` atomically (optimistic lock) and emit the matching events.
+
+        A job that ended keeps its status unless `reopen` (an admin's force-promotion of a rejected job).
+        """
         key = self._key(job_id)
         with self.r.pipeline() as pipe:
             while True:
@@ -164,7 +167,7 @@ class JobStore(_JsonStore):
                         raise KeyError(job_id)
                     job = JobRecord.model_validate_json(raw)
                     old_status = job.status
-                    if old_status in TERMINAL and changes.get("status", old_status) != old_status:
+                    if old_status in TERMINAL and changes.get("status", old_status) != old_status and not reopen:
                         raise JobEnded(f"job {job_id} already ended as {old_status}")
                     job = job.model_copy(update=changes)
                     job = JobRecord.model_validate(job.model_dump())

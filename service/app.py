@@ -21,6 +21,7 @@ from service.api.security import KeyRing
 from service.api.routes import dashboard, generate, health, jobs, models, openai, tasks
 from service.engines.base import Engine
 from service.hotswap import ServingModel
+from worker.recovery import recover_orphans
 
 log = logging.getLogger("sculptor.gateway")
 
@@ -44,6 +45,16 @@ def make_engine(settings: Settings) -> Engine:
     return TransformersEngine(settings.engine_dtype, settings.engine_max_model_len)
 
 
+async def recover_jobs(ctx: Context) -> None:
+    """Periodically re-queue or fail jobs whose worker died (see worker/recovery.py)."""
+    while True:
+        await asyncio.sleep(ctx.settings.recovery_interval_s)
+        try:
+            await asyncio.to_thread(recover_orphans, ctx)
+        except Exception as err:  # Redis away: try again next round
+            log.warning("job recovery skipped: %s", err)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     ctx: Context = app.state.ctx
@@ -54,11 +65,12 @@ async def lifespan(app: FastAPI):
         raise RuntimeError("no model version is registered: start Sculptor with `make run` (it registers v0)")
     log.info("loading %s into the %s engine", version, serving.engine.name)
     await serving.start(version)
-    follower = asyncio.create_task(serving.follow_promotions())
+    background = [asyncio.create_task(serving.follow_promotions()), asyncio.create_task(recover_jobs(ctx))]
     try:
         yield
     finally:
-        follower.cancel()
+        for task in background:
+            task.cancel()
         await serving.engine.shutdown()
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 
+from celery.signals import worker_ready
+
 from sculptor.context import Context
 from sculptor.locks import LockBusy, held_lock
 from worker import pipeline
 from worker.celery_app import TRAIN_TASK, app
+from worker.recovery import recover_orphans
 
 log = logging.getLogger("sculptor.worker")
 
@@ -24,6 +27,11 @@ def context() -> Context:
     if _ctx is None:
         _ctx = Context.from_settings()
     return _ctx
+
+
+@worker_ready.connect
+def _recover_at_start(**_) -> None:
+    recover_orphans(context())
 
 
 @app.task(name=TRAIN_TASK, bind=True)

@@ -8,13 +8,17 @@ import json
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
+from pydantic import BaseModel
+
+from sculptor import checkpoints
 from sculptor.context import Context
-from sculptor.records import TERMINAL
+from sculptor.records import TERMINAL, ModelVersion
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.security import require
 
-router = APIRouter(tags=["jobs"], dependencies=[require("tasks")])
+router = APIRouter(tags=["jobs"])
+status_reader = [require("tasks")]
 
 
 def _job_or_404(ctx: Context, job_id: str):
@@ -24,7 +28,7 @@ def _job_or_404(ctx: Context, job_id: str):
     return job
 
 
-@router.get("/jobs")
+@router.get("/jobs", dependencies=status_reader)
 async def list_jobs(offset: int = 0, limit: int = 50, status: str | None = None, task_id: str | None = None,
                     ctx: Context = Depends(get_ctx)):
     jobs = ctx.jobs.all()
@@ -36,12 +40,12 @@ async def list_jobs(offset: int = 0, limit: int = 50, status: str | None = None,
     return {"jobs": [j.model_dump() for j in jobs[offset:offset + limit]], "total": len(jobs), "offset": offset}
 
 
-@router.get("/jobs/{job_id}", name="get_job")
+@router.get("/jobs/{job_id}", name="get_job", dependencies=status_reader)
 async def get_job(job_id: str, ctx: Context = Depends(get_ctx)):
     return _job_or_404(ctx, job_id).model_dump()
 
 
-@router.get("/jobs/{job_id}/events")
+@router.get("/jobs/{job_id}/events", dependencies=status_reader)
 async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_ctx)):
     _job_or_404(ctx, job_id)
     if "text/event-stream" not in request.headers.get("accept", ""):
@@ -62,7 +66,7 @@ async def _stream_events(ctx: Context, job_id: str, request: Request):
         await asyncio.sleep(0.5)
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", dependencies=status_reader)
 async def cancel_job(job_id: str, ctx: Context = Depends(get_ctx)):
     job = _job_or_404(ctx, job_id)
     if job.finished:
@@ -72,3 +76,29 @@ async def cancel_job(job_id: str, ctx: Context = Depends(get_ctx)):
     else:
         job = ctx.jobs.update(job_id, cancel_requested=True)  # the worker stops at its next step
     return job.model_dump()
+
+
+class PromoteRequest(BaseModel):
+    force: bool = False
+
+
+@router.post("/jobs/{job_id}/promote", dependencies=[require("admin")])
+async def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_ctx)):
+    """Serve a rejected candidate anyway (admin). Recorded as forced in the lineage."""
+    job = _job_or_404(ctx, job_id)
+    if not body.force:
+        raise ApiError(400, "force_required", 'promoting past failed gates needs {"force": true}')
+    if job.status != "rejected" or not job.candidate_version:
+        raise ApiError(409, "not_rejected", f"job {job_id} is {job.status}; only a rejected candidate can be forced")
+    if ctx.versions.current() != job.parent_version:
+        raise ApiError(409, "lineage_moved", f"the serving lineage moved on from {job.parent_version} to "
+                       f"{ctx.versions.current()}; resubmit the task to train on the current version")
+    if not checkpoints.is_committed(ctx.store, job.candidate_version):
+        raise ApiError(409, "checkpoint_missing", f"candidate {job.candidate_version} has no committed checkpoint")
+    gates = job.gates or {}
+    ctx.versions.promote(ModelVersion(
+        version=job.candidate_version, parent=job.parent_version, task_id=job.task_id, job_id=job_id,
+        checkpoint_uri=ctx.store.uri(checkpoints.prefix(job.candidate_version)), forced=True,
+        gate_summary={"passed": False, "forced": True, "summary": gates.get("summary"), "failed": gates.get("failed")},
+    ))
+    return ctx.jobs.update(job_id, reopen=True, status="promoted", gates={**gates, "forced": True}).model_dump()
