@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from sculptor import redis_server
+from sculptor import logs, redis_server
 from sculptor.bootstrap import ensure_initial_version
 from sculptor.config import Settings
 from sculptor.context import Context
@@ -80,8 +80,9 @@ class Stack:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stack = Stack(Settings())
+    settings = Settings()
+    logs.setup(settings)
+    stack = Stack(settings)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     gate_general_text_items: int | None = None
     gate_thresholds: dict[str, float] = Field(default_factory=dict)
 
+    # Logs
+    log_json: bool = False
+    log_level: str = "INFO"
+
     # Celery and job safety
     train_queue: str = "train"
     job_visibility_timeout_s: int = 6 * 3600  # a job unacknowledged this long is re-delivered

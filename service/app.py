@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
+from sculptor import logs
 from sculptor.config import Settings, get_settings
 from sculptor.context import Context
 from service import metrics
@@ -85,6 +86,7 @@ async def record_request(request: Request, call_next):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.setup(settings)
     app = FastAPI(title="Sculptor", version="0.1.0", lifespan=lifespan,
                   description="A model server that keeps learning without forgetting.")
     app.state.ctx = Context.from_settings(settings)

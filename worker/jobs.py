@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_ready
+from celery.signals import setup_logging, worker_ready
 
+from sculptor import logs
+from sculptor.config import get_settings
 from sculptor.context import Context
 from sculptor.locks import LockBusy, held_lock
 from worker import pipeline
@@ -29,6 +31,11 @@ def context() -> Context:
     return _ctx
 
 
+@setup_logging.connect
+def _logging(**_) -> None:
+    logs.setup(get_settings())
+
+
 @worker_ready.connect
 def _recover_at_start(**_) -> None:
     recover_orphans(context())
@@ -37,6 +44,7 @@ def _recover_at_start(**_) -> None:
 @app.task(name=TRAIN_TASK, bind=True)
 def train_job(self, job_id: str) -> str | None:
     ctx = context()
+    logs.current_job.set(job_id)
     ttl = ctx.settings.job_lock_ttl_s
     try:
         with held_lock(ctx.redis, f"job:{job_id}", ttl, wait_s=0):
