@@ -47,7 +47,18 @@ class TaskSubmission(BaseModel):
     size_bytes: int
 
 
-@router.post("/tasks", status_code=202, dependencies=[require("tasks", limit="upload")])
+UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": TaskBody.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "JSONL, one example per line"},
+        "eval_file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+        "metric": {"type": "string", "enum": ["exact_match", "contains", "rougeL"]},
+        "hyperparameters": {"type": "string", "description": "JSON object"},
+        "webhook_url": {"type": "string"}}}},
+}}}
+
+
+@router.post("/tasks", status_code=202, dependencies=[require("tasks", limit="upload")], openapi_extra=UPLOAD_SCHEMA)
 async def create_task(request: Request, ctx: Context = Depends(get_ctx)):
     submission = await read_submission(request, ctx.settings.max_upload_bytes, ctx.settings.max_examples)
     task, job = store_and_enqueue(ctx, submission)
