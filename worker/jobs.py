@@ -8,12 +8,15 @@ once, and the lineage lock, so jobs build on each other one at a time and the li
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery.signals import setup_logging, worker_ready
 
 from sculptor import logs
 from sculptor.config import get_settings
 from sculptor.context import Context
+from sculptor.records import JobRecord
+from sculptor.webhooks import notify_terminal
 from sculptor.locks import LockBusy, held_lock
 from worker import pipeline
 from worker.celery_app import TRAIN_TASK, app
@@ -55,7 +58,15 @@ def train_job(self, job_id: str) -> str | None:
         return None
     except Exception as err:  # anything unexpected: the job fails with the reason, nothing is promoted
         log.exception("job %s failed", job_id)
-        ctx.jobs.update(job_id, status="failed", error=f"{type(err).__name__}: {err}")
-        return "failed"
+        job = ctx.jobs.update(job_id, status="failed", error=f"{type(err).__name__}: {err}")
+    if job and job.finished:
+        announce(ctx, job)
     return job.status if job else None
+
+
+def announce(ctx: Context, job: JobRecord) -> None:
+    """Tell the task's webhook, in the background: a slow receiver must not hold up the next job."""
+    task = ctx.tasks.get(job.task_id)
+    if task and task.webhook_url:
+        threading.Thread(target=notify_terminal, args=(task, job), daemon=True, name=f"webhook-{job.job_id}").start()
 

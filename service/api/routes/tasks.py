@@ -6,6 +6,7 @@ A rejected upload stores nothing and enqueues nothing: every check runs before t
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -85,6 +86,8 @@ async def read_submission(request: Request, max_bytes: int, max_examples: int) -
                            f"JSONL `file` field (got {content_type or 'no content type'!r})")
     except DatasetError as err:
         raise ApiError(422, err.code, err.message, err.line) from None
+    if submission.webhook_url and urlsplit(submission.webhook_url).scheme not in ("http", "https"):
+        raise ApiError(422, "invalid_webhook_url", "webhook_url must be an http:// or https:// URL")
     if len(submission.examples) > max_examples:
         raise ApiError(413, "too_many_examples",
                        f"the dataset has {len(submission.examples)} examples; the limit is {max_examples}")
