@@ -1,12 +1,14 @@
-// Sculptor dashboard: reads the public API only and re-renders every few seconds.
-// Jobs that are running follow their SSE stream (/jobs/{id}/events) for live progress.
-// When the gateway has API keys, it answers 401 and a key field appears; the key is kept in
-// localStorage and sent as a Bearer token (EventSource cannot send it: progress is then polled).
+// Sculptor dashboard: reads the public API only. Jobs (and their progress) are polled every
+// 2 s, everything else every 6 s. Polling rather than one EventSource per job: it also works
+// with API keys (EventSource cannot send headers) and behind proxies that buffer streams.
+// When the gateway has API keys it answers 401 and a key field appears; the key is kept in
+// localStorage and sent as a Bearer token.
 "use strict";
 
-const POLL_MS = 3000;
+const JOBS_POLL_MS = 2000;
+const FULL_EVERY = 3; // polls: lineage, accuracy, gates and registry refresh every 3rd poll
 const TERMINAL = new Set(["promoted", "rejected", "failed", "cancelled"]);
-const state = { serving: null, current: null, taskNames: {}, streams: new Map() };
+const state = { serving: null, current: null, taskNames: {}, polls: 0, jobStatuses: "" };
 
 // ---------- helpers ----------
 const $ = (id) => document.getElementById(id);
@@ -117,31 +119,7 @@ function renderJobs(res) {
   const jobs = res.body.jobs;
   $("jobs-total").textContent = `${res.body.total} total`;
   $("jobs").innerHTML = jobs.map(jobRow).join("") || '<tr><td colspan="6" class="muted">no jobs yet: submit a task with POST /tasks</td></tr>';
-  followActiveJobs(jobs);
   return jobs;
-}
-
-// Live progress: one EventSource per running job, closed when the job ends or leaves the list.
-function followActiveJobs(jobs) {
-  if (!window.EventSource || apiKey()) return;
-  const active = new Set(jobs.filter((j) => j.status === "running").map((j) => j.job_id));
-  for (const [id, source] of state.streams) {
-    if (!active.has(id)) { source.close(); state.streams.delete(id); }
-  }
-  for (const id of active) {
-    if (state.streams.has(id)) continue;
-    const source = new EventSource(`/jobs/${encodeURIComponent(id)}/events`);
-    source.addEventListener("progress", (e) => updateProgress(id, JSON.parse(e.data)));
-    source.addEventListener("status", () => refresh());
-    source.onerror = () => { source.close(); state.streams.delete(id); };
-    state.streams.set(id, source);
-  }
-}
-
-function updateProgress(jobId, p) {
-  const row = document.querySelector(`tr[data-job-id="${CSS.escape(jobId)}"]`);
-  if (!row || row.dataset.status !== "running") return;
-  row.querySelector('[data-role="progress"]').innerHTML = progressCell({ status: "running", progress: p });
 }
 
 // ---------- accuracy matrix ----------
@@ -186,8 +164,12 @@ function gateNumbers(g) {
       g.threshold == null ? "–" : `≤ ×${g.threshold}`,
       g.ci_low == null ? "–" : `[×${num(g.ci_low, 4)}, ×${num(g.ci_high, 4)}]`];
   }
-  const threshold = g.threshold == null ? "–" : g.gate === "new_task" ? `gain > ${(100 * g.threshold).toFixed(1)} pts`
-    : `drop ≤ ${(100 * g.threshold).toFixed(1)} pts`;
+  let threshold = "–";
+  if (g.threshold != null && g.subject === "benign_over_refusal") {
+    threshold = `rise ≤ ${Math.round(g.threshold * g.n_items)} item(s)`; // the gate counts refused prompts
+  } else if (g.threshold != null) {
+    threshold = g.gate === "new_task" ? `gain > ${(100 * g.threshold).toFixed(1)} pts` : `drop ≤ ${(100 * g.threshold).toFixed(1)} pts`;
+  }
   return [pct(g.parent_value), pct(g.value), points(g.delta), threshold,
     g.ci_low == null ? "–" : `[${(100 * g.ci_low).toFixed(1)}, ${(100 * g.ci_high).toFixed(1)}]`];
 }
@@ -278,20 +260,34 @@ async function loadTaskNames() {
   if (res.ok) for (const t of res.body.tasks) state.taskNames[t.task_id] = t.name;
 }
 
+async function refreshJobs() {
+  const jobs = renderJobs(await api("/jobs?limit=100"));
+  renderGates(jobs);
+  return jobs.map((j) => `${j.job_id}:${j.status}`).join(",");
+}
+
+async function refreshAll() {
+  await loadTaskNames();
+  const [ready, models, accuracy, registry] = await Promise.all(
+    [api("/readyz"), api("/models"), api("/accuracy"), api("/registry")]);
+  renderReadiness(ready);
+  renderModels(models);
+  renderAccuracy(accuracy);
+  renderRegistry(registry);
+}
+
+// One poll: jobs always; the rest every FULL_EVERY polls, or at once when a job changed status.
 let refreshing = false;
 async function refresh() {
   if (refreshing) return;
   refreshing = true;
   try {
-    await loadTaskNames();
-    const [ready, models, jobs, accuracy] = await Promise.all(
-      [api("/readyz"), api("/models"), api("/jobs?limit=100"), api("/accuracy")]);
-    renderReadiness(ready);
-    renderModels(models);
-    const jobList = renderJobs(jobs);
-    renderAccuracy(accuracy);
-    renderGates(jobList);
-    renderRegistry(await api("/registry"));
+    const full = state.polls % FULL_EVERY === 0;
+    if (full) await refreshAll();
+    const statuses = await refreshJobs();
+    if (!full && statuses !== state.jobStatuses) await refreshAll();
+    state.jobStatuses = statuses;
+    state.polls += 1;
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } finally {
     refreshing = false;
@@ -305,4 +301,4 @@ $("key-form").addEventListener("submit", (e) => {
   refresh();
 });
 refresh();
-setInterval(refresh, POLL_MS);
+setInterval(refresh, JOBS_POLL_MS);
