@@ -300,6 +300,6 @@ def test_dashboard_renders_in_chromium(tmp_path, url, http, history):
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     shot.unlink(missing_ok=True)
-    run_chromium(tmp_path, "--virtual-time-budget=5000", "--hide-scrollbars", "--window-size=1400,1500",
+    run_chromium(tmp_path, "--virtual-time-budget=5000", "--hide-scrollbars", "--window-size=1400,1900",
                  f"--screenshot={shot}", page)
     assert shot.exists() and shot.stat().st_size > 20_000
