@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: venv model run worker test test-fast bench-train bench-forgetting bench-gates bench-serving clean
+.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-gates bench-serving clean
 
 venv: $(STAMP)
 
@@ -35,11 +35,15 @@ run: model
 worker: venv
 	$(PY) -m worker.main
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest -q -ra
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not e2e"
+
+# Headless Chromium for the dashboard test (Debian's package; the test fails without it).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 bench-train: model
 	$(PY) bench/bench_train.py

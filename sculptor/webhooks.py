@@ -10,6 +10,7 @@ must not fail the job that already finished.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -20,6 +21,12 @@ from sculptor.records import JobRecord, TaskRecord
 log = logging.getLogger("sculptor.webhooks")
 
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+def announce(task: TaskRecord | None, job: JobRecord) -> None:
+    """`notify_terminal` in a background thread: a slow receiver must not hold up its caller."""
+    if task and task.webhook_url:
+        threading.Thread(target=notify_terminal, args=(task, job), daemon=True, name=f"webhook-{job.job_id}").start()
 
 
 def notify_terminal(task: TaskRecord, job: JobRecord, *, attempts: int = 4, first_delay_s: float = 1.0,

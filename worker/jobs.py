@@ -8,15 +8,13 @@ once, and the lineage lock, so jobs build on each other one at a time and the li
 from __future__ import annotations
 
 import logging
-import threading
 
 from celery.signals import setup_logging, worker_ready
 
 from sculptor import logs
 from sculptor.config import get_settings
 from sculptor.context import Context
-from sculptor.records import JobRecord
-from sculptor.webhooks import notify_terminal
+from sculptor.webhooks import announce
 from sculptor.locks import LockBusy, held_lock
 from worker import pipeline
 from worker.celery_app import TRAIN_TASK, app
@@ -49,6 +47,9 @@ def train_job(self, job_id: str) -> str | None:
     ctx = context()
     logs.current_job.set(job_id)
     ttl = ctx.settings.job_lock_ttl_s
+    before = ctx.jobs.get(job_id)
+    if before is None or before.finished:
+        return None  # unknown, or a re-delivery of a job that already ended
     try:
         with held_lock(ctx.redis, f"job:{job_id}", ttl, wait_s=0):
             with held_lock(ctx.redis, "lineage", ttl, wait_s=None):
@@ -60,13 +61,6 @@ def train_job(self, job_id: str) -> str | None:
         log.exception("job %s failed", job_id)
         job = ctx.jobs.update(job_id, status="failed", error=f"{type(err).__name__}: {err}")
     if job and job.finished:
-        announce(ctx, job)
+        announce(ctx.tasks.get(job.task_id), job)
     return job.status if job else None
-
-
-def announce(ctx: Context, job: JobRecord) -> None:
-    """Tell the task's webhook, in the background: a slow receiver must not hold up the next job."""
-    task = ctx.tasks.get(job.task_id)
-    if task and task.webhook_url:
-        threading.Thread(target=notify_terminal, args=(task, job), daemon=True, name=f"webhook-{job.job_id}").start()
 

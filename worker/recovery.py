@@ -12,6 +12,7 @@ import logging
 
 from sculptor.context import Context
 from sculptor.records import JobEnded
+from sculptor.webhooks import announce
 from worker.celery_app import enqueue
 
 log = logging.getLogger("sculptor.recovery")
@@ -40,6 +41,9 @@ def recover_orphans(ctx: Context) -> list[str]:
                 enqueue(job.job_id, ctx.settings.train_queue, ctx.settings.redis_url)
         except JobEnded:
             continue
+        record = ctx.jobs.get(job.job_id)
+        if record.finished:
+            announce(ctx.tasks.get(job.task_id), record)
         log.warning("job %s: %s", job.job_id, reason)
         recovered.append(job.job_id)
     return recovered

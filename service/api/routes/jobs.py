@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.records import TERMINAL, ModelVersion
+from sculptor.webhooks import announce
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.security import require
@@ -73,6 +74,7 @@ async def cancel_job(job_id: str, ctx: Context = Depends(get_ctx)):
         raise ApiError(409, "job_finished", f"job {job_id} already ended as {job.status}; nothing to cancel")
     if job.status in ("validating", "queued"):
         job = ctx.jobs.update(job_id, cancel_requested=True, status="cancelled", error="cancelled while queued")
+        announce(ctx.tasks.get(job.task_id), job)
     else:
         job = ctx.jobs.update(job_id, cancel_requested=True)  # the worker stops at its next step
     return job.model_dump()
