@@ -1,0 +1,126 @@
+"""SVD-constrained full fine-tuning ("Sculpting Subspaces", arXiv 2504.07097) with a subspace registry.
+
+The worker calls two functions around `worker.training.loop.train`:
+
+    registry = SubspaceRegistry(redis_client, object_store)      # redis.Redis(decode_responses=True)
+    constraint = build_constraint(model, hyperparameters, parent_version, registry, importance_batches)
+    train(model, batches, constraint, ...)
+    record = record_version(registry, model, candidate_version, parent_version, task_id, constraint)
+    job_report["method"] = constraint.report()
+
+`build_constraint` handles both methods of `Hyperparameters.method`: "osft" (this method) and "full"
+(the unconstrained baseline over the same matrices). For "osft" it loads the parent's bases from the
+registry (or runs the SVD and stores them, so the next job on that parent does not), scores the
+layers on `importance_batches` (a few training batches), plans the protected ranks and freezes
+everything else. `record_version` computes the SVD of the trained weights and stores the new
+version's record and bases, so the next job loads them. Call it only for a version that will be
+kept (promoted); a rejected candidate needs no record. `constraint.report()` is JSON-able:
+method, registry_hit, svd_s / load_s, protected_fraction, spent_matrices and per-matrix m / k.
+
+Modules: config (OSFTConfig), subspace (targets, SVD, rank rule), importance (layer scores),
+projector (the per-matrix projection), constraint (SubspaceConstraint), full (FullFineTuning),
+registry (SubspaceRegistry).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from worker.osft.config import OSFTConfig
+from worker.osft.constraint import SubspaceConstraint, plan_matrices
+from worker.osft.full import FullFineTuning
+from worker.osft.importance import layer_importance
+from worker.osft.registry import SubspaceRegistry
+from worker.osft.subspace import Bases, compute_bases, target_modules
+
+__all__ = ["OSFTConfig", "SubspaceRegistry", "SubspaceConstraint", "FullFineTuning",
+           "build_constraint", "record_version"]
+
+
+def build_constraint(
+    model: torch.nn.Module,
+    hyperparameters,
+    parent_version: str,
+    registry: SubspaceRegistry | None,
+    importance_batches: list[dict[str, torch.Tensor]],
+    config: OSFTConfig | None = None,
+) -> SubspaceConstraint | FullFineTuning:
+    """The UpdateConstraint for `hyperparameters.method` on a model loaded from `parent_version`."""
+    config = config or OSFTConfig.from_hyperparameters(hyperparameters)
+    parent_record = registry.get(parent_version) if registry else None
+    parent_tasks = parent_record["tasks"] if parent_record else []
+    if hyperparameters.method == "full":
+        return FullFineTuning(model, config, parent_tasks)
+
+    targets = target_modules(model, config)
+    bases, timings, hit = _parent_bases(targets, parent_version, parent_record, registry)
+    started = time.monotonic()
+    importance = layer_importance(model, importance_batches) if config.adaptive_ranks else {}
+    timings["importance_s"] = time.monotonic() - started
+    shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+    plans = plan_matrices(shapes, importance, parent_record, config)
+    return SubspaceConstraint(model, targets, plans, bases, config, parent_tasks, timings, hit)
+
+
+def _parent_bases(
+    targets: dict[str, torch.nn.Linear],
+    parent_version: str,
+    parent_record: dict | None,
+    registry: SubspaceRegistry | None,
+) -> tuple[dict[str, Bases], dict[str, float], bool]:
+    """Bases of the matrices that can still train: from the registry, else by SVD (then stored)."""
+    spent = {name for name, m in (parent_record or {}).get("matrices", {}).items() if m.get("spent")}
+    names = [name for name in targets if name not in spent]
+    started = time.monotonic()
+    bases = registry.load_bases(parent_version, names) if registry else None
+    if bases is not None:
+        return bases, {"load_s": time.monotonic() - started}, True
+
+    started = time.monotonic()
+    bases = {name: compute_bases(targets[name].weight) for name in names}
+    timings = {"svd_s": time.monotonic() - started}
+    if registry:
+        uri = registry.store_bases(parent_version, bases)
+        record = parent_record or _root_record(parent_version, targets)
+        registry.put({**record, "bases_uri": uri})
+    return bases, timings, False
+
+
+def _root_record(version: str, targets: dict[str, torch.nn.Linear]) -> dict:
+    """A version nobody trained here (the base model): nothing protected yet, no tasks."""
+    matrices = {name: {"m": min(module.weight.shape), "k": 0, "importance": None,
+                       "protected_ratio": 0.0, "spent": False} for name, module in targets.items()}
+    return {"version": version, "parent_version": None, "tasks": [], "matrices": matrices}
+
+
+def record_version(
+    registry: SubspaceRegistry,
+    model: torch.nn.Module,
+    version: str,
+    parent_version: str,
+    task_id: str,
+    constraint: SubspaceConstraint | FullFineTuning,
+) -> dict:
+    """Store `version`'s record and bases (SVD of the trained weights) for the next job; returns the record.
+
+    After "osft" each matrix keeps the rank it protected as the floor for later jobs; after "full"
+    nothing was protected, so the floors restart at zero (the task count still grows protection).
+    """
+    targets = constraint.targets
+    if isinstance(constraint, SubspaceConstraint):
+        matrices = {name: {"m": p.m, "k": p.k, "importance": p.importance,
+                           "protected_ratio": round(p.protected_ratio, 4), "spent": p.spent}
+                    for name, p in constraint.plans.items()}
+    else:
+        matrices = _root_record(version, targets)["matrices"]
+    started = time.monotonic()
+    bases = {name: compute_bases(targets[name].weight) for name in targets if not matrices[name]["spent"]}
+    svd_s = time.monotonic() - started
+    uri = registry.store_bases(version, bases)
+    record = {"version": version, "parent_version": parent_version,
+              "tasks": [*constraint.parent_tasks, task_id], "bases_uri": uri,
+              "matrices": matrices, "svd_s": round(svd_s, 3)}
+    registry.put(record)
+    return record

@@ -1,0 +1,44 @@
+"""Configuration of the SVD-constrained method: which matrices, how much of each to protect."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Attention and MLP projections of Llama-like models; embeddings, norms and lm_head stay frozen.
+DEFAULT_TARGETS = r"\.(q|k|v|o|gate|up|down)_proj$"
+
+
+@dataclass(frozen=True)
+class OSFTConfig:
+    # Linear layers (module names, regex search) trained under the constraint.
+    target_pattern: str = DEFAULT_TARGETS
+    # Extra parameters (parameter names, regex search) trained without a constraint, e.g. r"norm".
+    unconstrained_pattern: str | None = None
+    # Protected ratio k/m: the mean over layers, spread within [min, max] by importance.
+    mean_protected_ratio: float = 0.75
+    min_protected_ratio: float = 0.5
+    max_protected_ratio: float = 0.95
+    adaptive_ranks: bool = True
+    # The trainable remainder (1 - ratio) is multiplied by this once per task the parent absorbed.
+    remainder_decay: float = 0.85
+    # A matrix whose trainable remainder m - k is below max(1, this fraction of m) is spent: frozen.
+    min_trainable_ratio: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.min_protected_ratio <= self.mean_protected_ratio <= self.max_protected_ratio:
+            raise ValueError("protected ratios need min <= mean <= max")
+        if not 0 < self.remainder_decay <= 1:
+            raise ValueError("remainder_decay must be in (0, 1]")
+        re.compile(self.target_pattern)
+
+    @classmethod
+    def from_hyperparameters(cls, hp) -> "OSFTConfig":
+        """Overlay the task's hyperparameters (sculptor.datasets.Hyperparameters) on the defaults."""
+        mean = hp.mean_protected_ratio if hp.mean_protected_ratio is not None else cls.mean_protected_ratio
+        # A mean outside the default range widens the range rather than being refused.
+        low = hp.min_protected_ratio if hp.min_protected_ratio is not None else min(cls.min_protected_ratio, mean)
+        high = hp.max_protected_ratio if hp.max_protected_ratio is not None else max(cls.max_protected_ratio, mean)
+        adaptive = hp.adaptive_ranks if hp.adaptive_ranks is not None else cls.adaptive_ranks
+        return cls(mean_protected_ratio=mean, min_protected_ratio=low, max_protected_ratio=high,
+                   adaptive_ranks=adaptive)

@@ -1,0 +1,111 @@
+"""The SVD-constrained update (method "osft"): plan the protected ranks, then hold every step to them.
+
+`plan_matrices` decides, per target matrix, the protected rank k; `SubspaceConstraint` freezes
+everything else, hands the optimizer the trainable weights and projects them after each step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from worker.osft.config import OSFTConfig
+from worker.osft.importance import matrix_importance, protected_ratios
+from worker.osft.projector import Projector
+from worker.osft.subspace import Bases, allocate_rank, is_spent
+
+
+@dataclass
+class MatrixPlan:
+    m: int
+    k: int
+    protected_ratio: float      # k / m actually protected
+    importance: float | None    # the layer score that set the ratio (None: uniform or no score)
+    spent: bool                 # no capacity left: frozen
+
+
+def plan_matrices(
+    shapes: dict[str, tuple[int, int]],
+    importance: dict[int, float],
+    parent_record: dict | None,
+    config: OSFTConfig,
+) -> dict[str, MatrixPlan]:
+    """Protected rank per matrix from importance, the number of absorbed tasks and the parent's ranks."""
+    names = list(shapes)
+    ratios = protected_ratios(names, importance, config)
+    scores = matrix_importance(names, importance) if config.adaptive_ranks else dict.fromkeys(names)
+    tasks_absorbed = len(parent_record["tasks"]) if parent_record else 0
+    parent_matrices = parent_record["matrices"] if parent_record else {}
+    plans = {}
+    for name, shape in shapes.items():
+        m = min(shape)
+        floor = parent_matrices.get(name, {}).get("k", 0)
+        k = allocate_rank(m, ratios[name], tasks_absorbed, floor, config)
+        plans[name] = MatrixPlan(m=m, k=k, protected_ratio=k / m, importance=scores[name],
+                                 spent=is_spent(m, k, config))
+    return plans
+
+
+class SubspaceConstraint:
+    """UpdateConstraint for method "osft" (see worker.training.loop)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        targets: dict[str, torch.nn.Linear],
+        plans: dict[str, MatrixPlan],
+        bases: dict[str, Bases],
+        config: OSFTConfig,
+        parent_tasks: list[str],
+        timings: dict[str, float],
+        registry_hit: bool,
+    ):
+        self.config = config
+        self.plans = plans
+        self.parent_tasks = parent_tasks
+        self.timings = timings
+        self.registry_hit = registry_hit
+        self.targets = targets
+        self.projectors: dict[str, Projector] = {}
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self._trainable: list[torch.nn.Parameter] = []
+        for name, module in targets.items():
+            plan = plans[name]
+            if plan.spent:
+                continue
+            if plan.k > 0:
+                self.projectors[name] = Projector(module.weight, bases[name], plan.k)
+            module.weight.requires_grad_(True)
+            self._trainable.append(module.weight)
+        if config.unconstrained_pattern:
+            pattern = re.compile(config.unconstrained_pattern)
+            for name, parameter in model.named_parameters():
+                if pattern.search(name) and not parameter.requires_grad:
+                    parameter.requires_grad_(True)
+                    self._trainable.append(parameter)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._trainable)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for name, projector in self.projectors.items():
+            projector.project_(self.targets[name].weight)
+
+    def report(self) -> dict:
+        spent = [name for name, plan in self.plans.items() if plan.spent]
+        total_m = sum(plan.m for plan in self.plans.values())
+        return {
+            "method": "osft",
+            "registry_hit": self.registry_hit,
+            **{key: round(value, 3) for key, value in self.timings.items()},
+            "adaptive_ranks": self.config.adaptive_ranks,
+            "tasks_absorbed": len(self.parent_tasks),
+            "protected_fraction": round(sum(plan.k for plan in self.plans.values()) / total_m, 4),
+            "trainable_matrices": len(self.plans) - len(spent),
+            "spent_matrices": spent,
+            "matrices": {name: asdict(plan) for name, plan in self.plans.items()},
+        }
