@@ -63,7 +63,8 @@ class Settings(BaseSettings):
 
     # Training defaults (overridable per task through `hyperparameters`)
     default_epochs: int = 2
-    default_learning_rate: float = 3e-4
+    # The constrained update lives in low-energy directions and wants a larger rate than plain FT.
+    default_learning_rate: dict[str, float] = Field(default_factory=lambda: {"osft": 3e-4, "full": 5e-5})
     default_batch_size: int = 8
     default_max_seq_len: int = 256
     train_threads: int = 0  # 0: torch default

@@ -59,8 +59,14 @@ def build_tiny_model(
     hidden_size: int = 128,
     num_layers: int = 2,
     intermediate_size: int = 256,
+    embedding_std: float | None = None,
 ) -> Path:
-    """Save a random Llama (head_dim 64) plus tokenizer to `out_dir` and return it."""
+    """Save a random Llama (head_dim 64) plus tokenizer to `out_dir` and return it.
+
+    `embedding_std` rescales the (tied) embeddings: at the default init (0.02) the logits of a
+    model this small cannot leave a narrow range whatever the frozen-embedding training does,
+    so tests that must learn a task in a few steps use a larger scale, closer to a trained model's.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -83,6 +89,9 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if embedding_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

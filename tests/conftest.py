@@ -30,3 +30,9 @@ def redis_client(redis_url):
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (hidden 128, head_dim 64, 2 layers) with a trained BPE tokenizer."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_learner_dir(tmp_path_factory):
+    """The tiny model with embeddings scaled so it learns a small task in a few steps (for job tests)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-learner"), seed=0, embedding_std=0.1)

@@ -42,10 +42,10 @@ def wait_until(predicate, timeout_s: float, what: str, proc: subprocess.Popen | 
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_model_dir):
+def service(tmp_path_factory, tiny_learner_dir):
     var = tmp_path_factory.mktemp("e2e-var")
     port = free_port()
-    env = dict(os.environ, SCULPTOR_VAR_DIR=str(var), SCULPTOR_BASE_MODEL_DIR=str(tiny_model_dir),
+    env = dict(os.environ, SCULPTOR_VAR_DIR=str(var), SCULPTOR_BASE_MODEL_DIR=str(tiny_learner_dir),
                SCULPTOR_PORT=str(port), SCULPTOR_EMBEDDED_REDIS_PORT=str(free_port()), SCULPTOR_ENGINE="vllm",
                SCULPTOR_ENGINE_ENFORCE_EAGER="true", SCULPTOR_ENGINE_MAX_MODEL_LEN="512",
                SCULPTOR_ENGINE_MAX_NUM_SEQS="8", VLLM_CPU_KVCACHE_SPACE="1",
@@ -94,7 +94,7 @@ def test_upload_train_promote_swap_serve(service):
     assert before["model_version"] == "v0"
 
     body = {"name": "greeting", "examples": task_examples(), "metric": "exact_match",
-            "hyperparameters": {"epochs": 2, "learning_rate": 3e-3, "batch_size": 8, "max_seq_len": 64}}
+            "hyperparameters": {"epochs": 5, "learning_rate": 1e-2, "batch_size": 8, "max_seq_len": 64}}
     r = client.post("/tasks", json=body)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]

@@ -40,9 +40,9 @@ def start_worker(settings: Settings, log_path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def submit(ctx: Context, name: str, epochs: int = 2):
+def submit(ctx: Context, name: str, epochs: int = 5):
     exs = [Example.model_validate({"prompt": f"{name} {i}", "completion": "hello world"}) for i in range(40)]
-    hp = parse_hyperparameters({"epochs": epochs, "learning_rate": 2e-3, "batch_size": 8, "max_seq_len": 48})
+    hp = parse_hyperparameters({"epochs": epochs, "learning_rate": 1e-2, "batch_size": 8, "max_seq_len": 48})
     return store_and_enqueue(ctx, TaskSubmission(name=name, examples=exs, eval_examples=None, metric="exact_match",
                                                  hyperparameters=hp, webhook_url=None, size_bytes=1))[1]
 
@@ -58,11 +58,11 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 
 @pytest.fixture
-def stack(tmp_path, tiny_model_dir):
+def stack(tmp_path, tiny_learner_dir):
     redis_dir = tmp_path / "redis"
     port = redis_server.free_port()
     proc, url = redis_server.start_redis(redis_dir, port)
-    settings = Settings(var_dir=tmp_path / "var", redis_url=url, base_model_dir=str(tiny_model_dir), **SMALL)
+    settings = Settings(var_dir=tmp_path / "var", redis_url=url, base_model_dir=str(tiny_learner_dir), **SMALL)
     ctx = Context.from_settings(settings)
     ensure_initial_version(settings, ctx.redis, ctx.store)
     state = {"redis": proc, "workers": []}

@@ -25,7 +25,7 @@ def examples(prefix: str, answer: str, n: int = 40) -> list[Example]:
 
 
 def submit(ctx, name, exs, **hyper):
-    hp = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 8, "max_seq_len": 48, **hyper}
+    hp = {"epochs": 5, "learning_rate": 1e-2, "batch_size": 8, "max_seq_len": 48, **hyper}
     sub = TaskSubmission(name=name, examples=exs, eval_examples=None, metric="exact_match",
                          hyperparameters=parse_hyperparameters(hp), webhook_url=None, size_bytes=1)
     task, job = store_and_enqueue(ctx, sub)
@@ -33,8 +33,8 @@ def submit(ctx, name, exs, **hyper):
 
 
 @pytest.fixture
-def ctx(tmp_path, redis_url, redis_client, tiny_model_dir):
-    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_url, base_model_dir=str(tiny_model_dir),
+def ctx(tmp_path, redis_url, redis_client, tiny_learner_dir):
+    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_url, base_model_dir=str(tiny_learner_dir),
                         **SMALL_GATES)
     context = Context.from_settings(settings)
     ensure_initial_version(settings, context.redis, context.store)
@@ -69,7 +69,8 @@ def test_non_finite_loss_fails_the_job_and_keeps_serving(ctx, tmp_path):
     checkpoints.publish_dir(ctx.store, broken, "v0")  # the parent itself is poisoned
     shutil.rmtree(ctx.settings.checkpoint_cache_dir)
 
-    _, job = submit(ctx, "greet", examples("say the greeting", "hello world"))
+    # method "full": no SVD of the poisoned weights first, so the loss itself is what turns non-finite
+    _, job = submit(ctx, "greet", examples("say the greeting", "hello world"), method="full")
     done = pipeline.run_job(ctx, job.job_id)
     assert done.status == "failed" and "loss became nan" in done.error
     assert ctx.versions.current() == "v0" and ctx.versions.count() == 1

@@ -86,7 +86,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     torch.manual_seed(hp.seed)
     result = train(
         model, batches, constraint,
-        learning_rate=hp.learning_rate or osft.default_learning_rate(hp.method),
+        learning_rate=hp.learning_rate or settings.default_learning_rate[hp.method],
         steps_per_epoch=steps_per_epoch,
         on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
         should_stop=lambda: ctx.jobs.get(job.job_id).cancel_requested,
