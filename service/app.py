@@ -19,7 +19,7 @@ from sculptor.context import Context
 from service import metrics
 from service.api import errors
 from service.api.security import KeyRing
-from service.api.routes import dashboard, generate, health, jobs, models, openai, tasks
+from service.api.routes import dashboard, generate, health, jobs, models, openai, registry, tasks
 from service.engines.base import Engine
 from service.hotswap import ServingModel
 from worker.recovery import recover_orphans
@@ -95,6 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("no API keys configured: the gateway is open to anyone who can reach it")
     errors.install(app)
     app.middleware("http")(record_request)
-    for module in (tasks, jobs, generate, openai, models, health, dashboard):
+    for module in (tasks, jobs, generate, openai, models, registry, health, dashboard):
         app.include_router(module.router)
     return app

@@ -1,0 +1,35 @@
+"""GET /registry and GET /registry/{version}: the subspace registry's capacity, per layer and overall.
+
+For each version: the protected fraction (Σk / Σm over the target matrices) per decoder layer and
+overall, the tasks that shaped it, the matrices whose capacity is spent, and what remains.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from sculptor.context import Context
+from service.api.deps import get_ctx
+from service.api.errors import ApiError
+from service.api.security import require
+from worker.osft.registry import SubspaceRegistry
+
+router = APIRouter(tags=["registry"], dependencies=[require("tasks")])
+
+
+@router.get("/registry")
+async def registry_overview(ctx: Context = Depends(get_ctx)):
+    registry = SubspaceRegistry(ctx.redis, ctx.store)
+    current = ctx.versions.current()
+    versions = [summary for v in registry.list_versions() if (summary := registry.summary(v))]
+    return {"current": current, "current_summary": registry.summary(current) if current else None,
+            "versions": versions}
+
+
+@router.get("/registry/{version}")
+async def registry_version(version: str, ctx: Context = Depends(get_ctx)):
+    summary = SubspaceRegistry(ctx.redis, ctx.store).summary(version)
+    if summary is None:
+        raise ApiError(404, "version_not_in_registry",
+                       f"the registry has no subspaces for {version!r} (versions get them when a job trains them)")
+    return summary
