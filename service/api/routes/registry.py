@@ -17,18 +17,23 @@ from worker.osft.registry import SubspaceRegistry
 router = APIRouter(tags=["registry"], dependencies=[require("tasks")])
 
 
+def detail(registry: SubspaceRegistry, version: str) -> dict | None:
+    """The registry's summary of `version` plus its per-matrix record {m, k, importance, spent}."""
+    summary = registry.summary(version)
+    return summary and {**summary, "matrices": registry.get(version)["matrices"]}
+
+
 @router.get("/registry")
 async def registry_overview(ctx: Context = Depends(get_ctx)):
     registry = SubspaceRegistry(ctx.redis, ctx.store)
     current = ctx.versions.current()
-    versions = [summary for v in registry.list_versions() if (summary := registry.summary(v))]
-    return {"current": current, "current_summary": registry.summary(current) if current else None,
-            "versions": versions}
+    versions = [summary for v in registry.list_versions() if (summary := detail(registry, v))]
+    return {"current": current, "versions": versions}
 
 
 @router.get("/registry/{version}")
 async def registry_version(version: str, ctx: Context = Depends(get_ctx)):
-    summary = SubspaceRegistry(ctx.redis, ctx.store).summary(version)
+    summary = detail(SubspaceRegistry(ctx.redis, ctx.store), version)
     if summary is None:
         raise ApiError(404, "version_not_in_registry",
                        f"the registry has no subspaces for {version!r} (versions get them when a job trains them)")
