@@ -70,7 +70,7 @@ def fit(model, tokenizer, examples: list[Example], text: list[str], epochs: int,
 
 
 def scores_of(model, tokenizer, tasks, suites) -> VersionScores:
-    generator = HFGenerator(model, tokenizer, batch_size=16, bf16=False)
+    generator = HFGenerator(model, tokenizer, batch_size=16)
     return evaluate(generator, tasks, suites, config=CONFIG)
 
 

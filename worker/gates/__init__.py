@@ -3,7 +3,7 @@
 The flow a training job follows (see decide.py for the gates and how the CIs are used):
 
     train, evals = split_eval(examples, eval_examples)              # once per task, stored with it
-    suites = load_suites(sizes=SuiteSizes(...))                     # shipped or user suites
+    suites = load_suites(sizes=GATE_SIZES)                          # shipped or user suites
     parent = evaluate(HFGenerator(parent_model, tok), {new_id: (metric, evals)}, None, reuse=stored_parent)
     candidate = evaluate(HFGenerator(candidate_model, tok), all_tasks, suites)
     report = decide(candidate, parent_full, new_id, GateThresholds(), per_task_overrides)
@@ -22,10 +22,10 @@ from worker.gates.metrics import normalise, score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
 from worker.gates.scores import ItemScores, PerplexityScores, TaskScores, VersionScores
 from worker.gates.splits import split_eval
-from worker.gates.suites import SuiteSizes, Suites, load_suites
+from worker.gates.suites import GATE_SIZES, SuiteSizes, Suites, load_suites
 
 __all__ = [
-    "EvalConfig", "GateReport", "GateResult", "GateThresholds", "Generator", "HFGenerator", "ItemScores",
+    "EvalConfig", "GATE_SIZES", "GateReport", "GateResult", "GateThresholds", "Generator", "HFGenerator", "ItemScores",
     "PatternRefusalJudge", "PerplexityScores", "RefusalJudge", "SuiteSizes", "Suites", "TaskScores",
     "TextLosses", "VersionScores", "average_accuracy", "backward_transfer", "decide", "evaluate",
     "example_ids", "load_suites", "normalise", "score", "split_eval",

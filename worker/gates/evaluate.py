@@ -31,7 +31,7 @@ TaskEval = tuple[Metric, Sequence[Example]]
 class EvalConfig(BaseModel):
     task_max_new_tokens: int = 64
     refusal_max_new_tokens: int = 32
-    ifeval_max_new_tokens: int = 160
+    ifeval_max_new_tokens: int = 128
     failures_kept: int = 3  # responses kept per part for reading (the ones that scored badly)
 
 

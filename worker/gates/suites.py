@@ -57,6 +57,11 @@ class SuiteSizes(BaseModel):
     general_text: int | None = None
 
 
+# What the gate uses by default: sized to keep a job's gate within minutes on 2 CPU cores
+# (bench/bench_gates.py measures it); the shipped files hold more for machines that can afford them.
+GATE_SIZES = SuiteSizes(harmful=32, benign=24, ifeval=32, general_text=16)
+
+
 class Suites(BaseModel):
     harmful: list[PromptItem]
     benign: list[PromptItem]
