@@ -66,11 +66,22 @@ class Stack:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for name, proc in reversed(self.procs):
+        """Gateway and worker first, Redis last (they still talk to it while shutting down)."""
+        services = [(n, p) for n, p in reversed(self.procs) if n != "redis"]
+        for _, proc in services:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT if name != "redis" else signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for name, proc in reversed(self.procs):
+                proc.send_signal(signal.SIGINT)
+        self._wait(services)
+        redis = [(n, p) for n, p in self.procs if n == "redis"]
+        for _, proc in redis:
+            if proc.poll() is None:
+                proc.terminate()
+        self._wait(redis)
+
+    @staticmethod
+    def _wait(procs: list[tuple[str, subprocess.Popen]], timeout_s: float = 20) -> None:
+        deadline = time.monotonic() + timeout_s
+        for name, proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

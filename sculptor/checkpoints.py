@@ -9,6 +9,8 @@ and only then renames the directory into place. Nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import defaultdict
 import json
 import shutil
 import struct
@@ -16,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 from sculptor.storage import ObjectStore
+
+_fetch_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
@@ -67,8 +71,13 @@ def is_committed(store: ObjectStore, version: str) -> bool:
 def fetch(store: ObjectStore, version: str, cache_dir: Path) -> Path:
     """A verified local copy of `version` (downloaded once, then served from the cache)."""
     target = cache_dir / version
-    if (target / MARKER).exists():
-        return target
+    with _fetch_locks[str(target)]:  # a prefetch and a swap may ask for the same version at once
+        if (target / MARKER).exists():
+            return target
+        return _download(store, version, cache_dir, target)
+
+
+def _download(store: ObjectStore, version: str, cache_dir: Path, target: Path) -> Path:
     if not is_committed(store, version):
         raise CorruptCheckpoint(f"checkpoint {version} has no commit marker: it was never fully written")
     manifest_bytes = store.get_bytes(f"{prefix(version)}/{MANIFEST}")

@@ -22,6 +22,7 @@ TERMINAL: frozenset[str] = frozenset({"promoted", "rejected", "failed", "cancell
 
 PREFIX = "sculptor"
 PROMOTIONS_CHANNEL = f"{PREFIX}:promotions"
+CANDIDATES_CHANNEL = f"{PREFIX}:candidates"  # a candidate checkpoint was saved: gateways may prefetch it
 
 
 def now() -> float:
@@ -240,4 +241,6 @@ class VersionStore(_JsonStore):
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    # Timeouts: a Redis that hangs must not hang the gateway (it keeps serving and reports not-ready).
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_timeout=5,
+                                socket_connect_timeout=2)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sculptor import checkpoints
 from sculptor.context import Context
-from sculptor.records import PROMOTIONS_CHANNEL, VersionStore
+from sculptor.records import CANDIDATES_CHANNEL, PROMOTIONS_CHANNEL, VersionStore
 from service import metrics
 from service.engines.base import Engine, PromptTooLong
 
@@ -50,8 +50,13 @@ class ServingModel:
         self.model_dir: Path | None = None
         self.tokenizer = None
         self.swaps: list[SwapRecord] = []
-        self.refused: set[str] = set()  # versions whose swap failed: not retried by the catch-up loop
+        self.refused: set[str] = set()
+        self._prefetches: set[asyncio.Task] = set()  # versions whose swap failed: not retried by the catch-up loop
         self._lock = asyncio.Lock()
+        # Cleared while a swap is in progress: new requests wait, then run on (and are labelled with)
+        # the version that serves them. Requests already in flight continue on the new weights.
+        self.admitting = asyncio.Event()
+        self.admitting.set()
 
     @property
     def ready(self) -> bool:
@@ -81,6 +86,7 @@ class ServingModel:
                 return self._record(SwapRecord(version, self.version, False, time.monotonic() - started, 0.0,
                                                f"refused checkpoint {version}: {err}"))
             fetched = time.monotonic()
+            self.admitting.clear()
             await self.engine.pause()
             try:
                 await self.engine.reload(model_dir)
@@ -91,6 +97,7 @@ class ServingModel:
                 await self.engine.reload(self.model_dir)  # put the old weights back before resuming
             finally:
                 await self.engine.resume()
+                self.admitting.set()
             record = SwapRecord(version, previous, error is None, fetched - started, time.monotonic() - fetched, error)
             if record.ok:
                 metrics.set_serving_version(version)
@@ -127,19 +134,33 @@ class ServingModel:
             try:
                 client = aioredis.Redis.from_url(self.ctx.settings.redis_url, decode_responses=True)
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(PROMOTIONS_CHANNEL)
+                    await pubsub.subscribe(PROMOTIONS_CHANNEL, CANDIDATES_CHANNEL)
                     await self._catch_up(client)
                     while True:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
-                        if message is not None:
-                            await self.swap_to(json.loads(message["data"])["version"])
-                        else:
+                        if message is None:
                             await self._catch_up(client)
+                        elif message["channel"] == CANDIDATES_CHANNEL:
+                            self._prefetch(json.loads(message["data"])["version"])
+                        else:
+                            await self.swap_to(json.loads(message["data"])["version"])
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # Redis away: keep serving, retry shortly
                 log.warning("promotion listener: %s; retrying", err)
                 await asyncio.sleep(poll_s)
+
+    def _prefetch(self, version: str) -> None:
+        """Fetch and verify a candidate while it is being gated, so its swap does not wait on the copy."""
+        async def fetch():
+            try:
+                await asyncio.to_thread(self._fetch, version)
+            except Exception as err:
+                log.warning("prefetch of %s failed (the swap will fetch again): %s", version, err)
+
+        task = asyncio.create_task(fetch())
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
 
     async def _catch_up(self, client) -> None:
         current = await client.get(VersionStore.current_key)

@@ -17,7 +17,7 @@ import torch
 from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.datasets import Example
-from sculptor.records import JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
+from sculptor.records import CANDIDATES_CHANNEL, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
 from worker import osft
 from worker import gating
 from worker.training import data as training_data
@@ -93,6 +93,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     )
     version = ctx.versions.next_name()
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)
+    ctx.redis.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
     subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint)
     training = {"steps": result.steps, "final_loss": result.final_loss, "mean_step_s": round(result.mean_step_s, 4),
                 "method": hp.method, "constraint": constraint.report(), "subspace": subspace}

@@ -11,6 +11,7 @@ if Redis is away, requests are let through rather than failed: serving must outl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -78,7 +79,7 @@ def require(scope: str, limit: str | None = None):
             if scope not in caller.scopes and "admin" not in caller.scopes:
                 raise ApiError(403, "insufficient_scope", f"this key lacks the {scope!r} scope")
         if limit:
-            _rate_limit(request, caller, limit)
+            await asyncio.to_thread(_rate_limit, request, caller, limit)
         return caller
 
     return Depends(check)

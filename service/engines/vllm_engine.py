@@ -17,14 +17,19 @@ from service.engines.base import Chunk, SamplingOptions
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, dtype: str, max_model_len: int, max_num_seqs: int, enforce_eager: bool):
+    def __init__(self, dtype: str, max_model_len: int, max_num_seqs: int, enforce_eager: bool,
+                 kv_cache_gib: int = 2):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
+        self.kv_cache_gib = kv_cache_gib
         self.llm = None
 
     async def start(self, model_dir: Path) -> None:
+        import os
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # read by the CPU backend only
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
