@@ -13,7 +13,25 @@ SWAP_SECONDS = Histogram("sculptor_swap_seconds", "Hot-swap duration (fetch + st
 SERVING = Info("sculptor_serving", "The model version the engine is serving")
 QUEUE_DEPTH = Gauge("sculptor_queue_depth", "Jobs waiting in the training queue")
 JOBS = Gauge("sculptor_jobs", "Jobs by status", ["status"])
+TRAIN_STEP_SECONDS = Gauge("sculptor_train_step_seconds", "Mean training step time of the latest finished job")
+GATE_OUTCOMES = Gauge("sculptor_gate_outcomes", "Gated candidates by outcome", ["outcome"])
 
 
 def set_serving_version(version: str) -> None:
     SERVING.info({"version": version})
+
+
+def refresh_job_gauges(ctx) -> None:
+    """Job-derived gauges, computed from the job records at scrape time (one source of truth)."""
+    from sculptor.records import JobRecord
+
+    jobs: list[JobRecord] = ctx.jobs.all()
+    for status in ("validating", "queued", "running", "evaluating", "promoted", "rejected", "failed", "cancelled"):
+        JOBS.labels(status).set(sum(j.status == status for j in jobs))
+    QUEUE_DEPTH.set(ctx.redis.llen(ctx.settings.train_queue))
+    gated = [j for j in jobs if j.gates]
+    GATE_OUTCOMES.labels("passed").set(sum(bool(j.gates.get("passed")) for j in gated))
+    GATE_OUTCOMES.labels("failed").set(sum(not j.gates.get("passed") for j in gated))
+    trained = [j for j in jobs if j.training]
+    if trained:
+        TRAIN_STEP_SECONDS.set(trained[0].training.get("mean_step_s", 0.0))

@@ -43,6 +43,8 @@ def test_json_task_is_stored_and_queued(gateway):
     assert job["status"] == "queued"
     assert [e["status"] for e in client.get(f"/jobs/{out['job_id']}/events").json()["events"]] == ["validating", "queued"]
     assert ctx.redis.llen("train") == 1  # the Celery message waits in the "train" queue
+    scraped = client.get("/metrics").text
+    assert 'sculptor_jobs{status="queued"} 1.0' in scraped and "sculptor_queue_depth 1.0" in scraped
 
 
 def test_jsonl_upload_with_prompt_completion(gateway):

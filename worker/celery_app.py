@@ -27,6 +27,8 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.job_visibility_timeout_s},
         worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # Flower shows task history from these events
+        task_send_sent_event=True,
     )
     return app
 

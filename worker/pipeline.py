@@ -74,6 +74,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     max_len = hp.max_seq_len or settings.default_max_seq_len
     tokenized = [training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len)
                  for e in examples]
+    truncated = sum(t.truncated for t in tokenized)  # policy: truncate to max_seq_len, and say how many
     batch_size = hp.batch_size or settings.default_batch_size
     epochs = hp.epochs or settings.default_epochs
     batches = training_data.make_batches(tokenized, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
@@ -95,7 +96,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)
     ctx.redis.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
     subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint)
-    training = {"steps": result.steps, "final_loss": result.final_loss, "mean_step_s": round(result.mean_step_s, 4),
+    training = {"steps": result.steps, "final_loss": result.final_loss, "examples": len(tokenized),
+                "truncated_examples": truncated, "max_seq_len": max_len, "mean_step_s": round(result.mean_step_s, 4),
                 "method": hp.method, "constraint": constraint.report(), "subspace": subspace}
     del model
     model_dir = checkpoints.fetch(ctx.store, version, settings.checkpoint_cache_dir)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -55,6 +57,13 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(exc.status_code, code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_away(request: Request, exc: Exception):
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(error_body(503, "redis_unavailable", "the job store (Redis) is unreachable; generation "
+                                       "still works, retry this request shortly"), 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -14,6 +14,7 @@ IGNORE_INDEX = -100
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> TokenizedExample:
@@ -33,7 +34,7 @@ def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> Tokenize
         text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         _append(tokenizer, text[len(rendered):], input_ids, labels, learn=message["role"] == "assistant")
         rendered = text
-    return TokenizedExample(input_ids[:max_seq_len], labels[:max_seq_len])
+    return TokenizedExample(input_ids[:max_seq_len], labels[:max_seq_len], len(input_ids) > max_seq_len)
 
 
 def _append(tokenizer, text: str, input_ids: list[int], labels: list[int], learn: bool) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
+import asyncio
+
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sculptor.context import Context
+from service import metrics
 from service.api.deps import get_ctx, get_serving
 from service.hotswap import ServingModel
 
@@ -31,5 +34,9 @@ async def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: S
 
 
 @router.get("/metrics")
-async def prometheus_metrics():
+async def prometheus_metrics(ctx: Context = Depends(get_ctx)):
+    try:
+        await asyncio.to_thread(metrics.refresh_job_gauges, ctx)
+    except Exception:  # Redis away: serve the process metrics anyway
+        pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -149,6 +149,7 @@ async def parse_multipart(request: Request, max_bytes: int) -> TaskSubmission:
 
 
 def store_and_enqueue(ctx: Context, sub: TaskSubmission) -> tuple[TaskRecord, JobRecord]:
+    ctx.redis.ping()  # Redis away: answer 503 before writing anything to the object store
     train, evals = split_eval(sub.examples, sub.eval_examples, seed=sub.hyperparameters.seed)
     train_bytes, eval_bytes = datasets.to_jsonl(train), datasets.to_jsonl(evals)
     digest = datasets.digest(train_bytes + b"\0" + eval_bytes)
