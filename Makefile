@@ -27,7 +27,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 model: venv
-	$(PY) -m sculptor.default_model var/base-models
+	$(PY) -m sculptor.default_model
 
 run: model
 	$(PY) -m deploy.run

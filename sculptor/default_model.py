@@ -57,5 +57,8 @@ if __name__ == "__main__":
     import time
 
     started = time.monotonic()
-    path = ensure_base_model(Path(sys.argv[1] if len(sys.argv) > 1 else "var/base-models"))
+    from sculptor.config import Settings
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().data_dir / "base-models"
+    path = ensure_base_model(target)
     print(f"{path} ready in {time.monotonic() - started:.1f}s")
