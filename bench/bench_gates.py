@@ -21,17 +21,24 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sculptor.datasets import Example  # noqa: E402
-from sculptor.default_model import ensure_base_model  # noqa: E402
-from worker.gates import GATE_SIZES, EvalConfig, HFGenerator, decide, evaluate, load_suites  # noqa: E402
-from worker.training.data import make_batches, tokenize_chat  # noqa: E402
-from worker.training.loop import train  # noqa: E402
+from sculptor.datasets import Example
+from sculptor.default_model import ensure_base_model
+from worker.gates import (
+    GATE_SIZES,
+    EvalConfig,
+    HFGenerator,
+    decide,
+    evaluate,
+    load_suites,
+)
+from worker.training.data import make_batches, tokenize_chat
+from worker.training.loop import train
 
 RESULTS = Path(__file__).parent / "results" / "bench_gates.json"
-WORDS = "apple river candle garden window silver rocket pencil forest castle marble tiger".split()
+WORDS = ["apple", "river", "candle", "garden", "window", "silver", "rocket", "pencil", "forest", "castle", "marble", "tiger"]
 COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
              "Canada": "Ottawa", "Germany": "Berlin", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo"}
 GOOD = ["a wonderful film, I loved every minute", "the food was delicious and the staff were kind",

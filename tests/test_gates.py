@@ -7,13 +7,25 @@ import pytest
 
 from sculptor.datasets import Example
 from worker.gates import (
-    GateThresholds, ItemScores, PatternRefusalJudge, PerplexityScores, TaskScores, TextLosses, VersionScores,
-    average_accuracy, backward_transfer, decide, evaluate, load_suites, normalise, score, split_eval,
+    GateThresholds,
+    ItemScores,
+    PatternRefusalJudge,
+    PerplexityScores,
+    TaskScores,
+    TextLosses,
+    VersionScores,
+    average_accuracy,
+    backward_transfer,
+    decide,
+    evaluate,
+    load_suites,
+    normalise,
+    score,
+    split_eval,
 )
 from worker.gates.bootstrap import mean_delta_ci, perplexity_ratio_ci
 from worker.gates.ifeval import IFEvalItem, known_instructions, score_response
 from worker.gates.suites import SuiteSizes
-
 
 # --- metrics -------------------------------------------------------------------------------------
 

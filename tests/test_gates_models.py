@@ -16,13 +16,22 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sculptor.datasets import Example
-from worker.gates import EvalConfig, GateReport, HFGenerator, SuiteSizes, VersionScores, decide, evaluate, load_suites
+from worker.gates import (
+    EvalConfig,
+    GateReport,
+    HFGenerator,
+    SuiteSizes,
+    VersionScores,
+    decide,
+    evaluate,
+    load_suites,
+)
 from worker.training.data import TokenizedExample, make_batches, tokenize_chat
 from worker.training.loop import train
 
 REFUSE = "I'm sorry, but I can't help with that."
 COMPLY = "Sure, here is how to do it."
-WORDS = "red blue green yellow black white pink gray brown gold".split()
+WORDS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray", "brown", "gold"]
 CONFIG = EvalConfig(task_max_new_tokens=8, refusal_max_new_tokens=16, ifeval_max_new_tokens=16)
 
 

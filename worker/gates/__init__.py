@@ -22,11 +22,32 @@ from worker.gates.metrics import normalise, score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
 from worker.gates.scores import ItemScores, PerplexityScores, TaskScores, VersionScores
 from worker.gates.splits import split_eval
-from worker.gates.suites import GATE_SIZES, SuiteSizes, Suites, load_suites
+from worker.gates.suites import GATE_SIZES, Suites, SuiteSizes, load_suites
 
 __all__ = [
-    "EvalConfig", "GATE_SIZES", "GateReport", "GateResult", "GateThresholds", "Generator", "HFGenerator", "ItemScores",
-    "PatternRefusalJudge", "PerplexityScores", "RefusalJudge", "SuiteSizes", "Suites", "TaskScores",
-    "TextLosses", "VersionScores", "average_accuracy", "backward_transfer", "decide", "evaluate",
-    "example_ids", "load_suites", "normalise", "score", "split_eval",
+    "GATE_SIZES",
+    "EvalConfig",
+    "GateReport",
+    "GateResult",
+    "GateThresholds",
+    "Generator",
+    "HFGenerator",
+    "ItemScores",
+    "PatternRefusalJudge",
+    "PerplexityScores",
+    "RefusalJudge",
+    "SuiteSizes",
+    "Suites",
+    "TaskScores",
+    "TextLosses",
+    "VersionScores",
+    "average_accuracy",
+    "backward_transfer",
+    "decide",
+    "evaluate",
+    "example_ids",
+    "load_suites",
+    "normalise",
+    "score",
+    "split_eval",
 ]

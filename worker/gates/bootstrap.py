@@ -6,7 +6,7 @@ interval reflects how the two versions differ on the same items, not the spread 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -30,7 +30,8 @@ apply to its own retention gate, and the new task's overrides to the new-task an
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -54,7 +55,7 @@ class GateThresholds(BaseModel):
     bootstrap_samples: int = 2000
     seed: int = 0
 
-    def with_overrides(self, overrides: Mapping[str, float] | None) -> "GateThresholds":
+    def with_overrides(self, overrides: Mapping[str, float] | None) -> GateThresholds:
         return GateThresholds.model_validate({**self.model_dump(), **(overrides or {})})
 
     def ci_kwargs(self) -> dict:
@@ -155,7 +156,7 @@ def benign_gate(cand: ItemScores | None, par: ItemScores | None, t: GateThreshol
     c, p = cand.paired(par)
     if len(c) == 0:
         return _skip("safety", subject, "no items in common")
-    rise = int(round(c.sum() - p.sum()))
+    rise = round(c.sum() - p.sum())
     low, high = mean_delta_ci(c, p, **t.ci_kwargs())
     failed = rise > t.benign_over_refusal_max_rise
     return GateResult(

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel
 

@@ -12,9 +12,10 @@ for CPUs and GPUs where bf16 pays off.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -42,7 +43,7 @@ class HFGenerator:
         self.stop_ids = self._stop_ids()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "HFGenerator":
+    def from_pretrained(cls, path: str | Path, **kwargs) -> HFGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

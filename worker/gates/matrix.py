@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from statistics import mean
-from typing import Mapping, Sequence
 
 AccuracyMatrix = Mapping[str, Mapping[str, float]]
 

@@ -24,7 +24,7 @@ class ItemScores(BaseModel):
     def mean(self) -> float | None:
         return sum(self.values) / len(self.values) if self.values else None
 
-    def paired(self, other: "ItemScores") -> tuple[np.ndarray, np.ndarray]:
+    def paired(self, other: ItemScores) -> tuple[np.ndarray, np.ndarray]:
         """(self, other) values on the items both have, in self's order."""
         theirs = dict(zip(other.ids, other.values))
         common = [(v, theirs[i]) for i, v in zip(self.ids, self.values) if i in theirs]
@@ -50,7 +50,7 @@ class PerplexityScores(BaseModel):
         total = sum(self.tokens)
         return math.exp(sum(self.nll) / total) if total else None
 
-    def paired(self, other: "PerplexityScores") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def paired(self, other: PerplexityScores) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(self nll, other nll, self tokens, other tokens) on the texts both have."""
         theirs = {i: (n, t) for i, n, t in zip(other.ids, other.nll, other.tokens)}
         rows = [(n, theirs[i][0], t, theirs[i][1]) for i, n, t in zip(self.ids, self.nll, self.tokens) if i in theirs]

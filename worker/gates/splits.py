@@ -7,7 +7,8 @@ so it is a pure function of the examples and the seed; the worker should store i
 from __future__ import annotations
 
 import random
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 
