@@ -8,10 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from sculptor.datasets import Hyperparameters
 from sculptor.storage import ObjectStore
+from tests.test_osft_invariant import chat_batches
 from worker.osft import SubspaceRegistry, build_constraint, record_version
 from worker.training.loop import train
-
-from tests.test_osft_invariant import chat_batches
 
 
 @pytest.fixture
