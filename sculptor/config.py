@@ -67,18 +67,21 @@ class Settings(BaseSettings):
     default_learning_rate: dict[str, float] = Field(default_factory=lambda: {"osft": 3e-4, "full": 5e-5})
     default_batch_size: int = 8
     default_max_seq_len: int = 256
-    train_threads: int = 0  # 0: torch default
+    train_threads: int = 0  # 0: torch default; 1 is much faster when other processes share the cores
+    # bf16 autocast in training: None = only where the hardware has fast bf16 (CUDA, AVX-512 BF16/AMX CPUs);
+    # on an AVX2-only CPU a bf16 linear is several times slower than fp32.
+    train_bf16: bool | None = None
 
-    # Regression gates: suite files (empty: the shipped suites), items used per suite (0: all),
+    # Regression gates: suite files (empty: the shipped suites), items used per suite (None: all),
     # and default thresholds (field names of worker.gates.GateThresholds; per-task overrides too).
     gate_harmful_suite: str = ""
     gate_benign_suite: str = ""
     gate_ifeval_suite: str = ""
     gate_general_text_suite: str = ""
-    gate_harmful_items: int | None = None
-    gate_benign_items: int | None = None
-    gate_ifeval_items: int | None = None
-    gate_general_text_items: int | None = None
+    gate_harmful_items: int | None = 32  # seeded subsamples: see worker/gates/suites.py (GATE_SIZES)
+    gate_benign_items: int | None = 24
+    gate_ifeval_items: int | None = 32
+    gate_general_text_items: int | None = 16
     gate_thresholds: dict[str, float] = Field(default_factory=dict)
 
     # Logs

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 from service import metrics
 from service.api.errors import ApiError
-from service.engines.base import Chunk, PromptTooLong, SamplingOptions
+from service.engines.base import Chunk, EmptyPrompt, PromptTooLong, SamplingOptions
 from service.hotswap import ServingModel
 
 
@@ -35,6 +35,8 @@ async def open_stream(serving: ServingModel, prompt: str | None, messages: list[
         ids = serving.encode(prompt, messages, options.max_tokens)
     except PromptTooLong as err:
         raise ApiError(400, "context_length_exceeded", str(err)) from None
+    except EmptyPrompt as err:
+        raise ApiError(400, "empty_prompt", str(err)) from None
     await serving.admitting.wait()  # during a swap, wait for the version that will serve the request
     request_id = uuid.uuid4().hex
     return Stream(serving.version, request_id, _counted(serving.engine.generate(ids, options, request_id)))

@@ -22,7 +22,7 @@ from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.records import CANDIDATES_CHANNEL, PROMOTIONS_CHANNEL, VersionStore
 from service import metrics
-from service.engines.base import Engine, PromptTooLong
+from service.engines.base import EmptyPrompt, Engine, PromptTooLong
 
 log = logging.getLogger("sculptor.gateway")
 
@@ -119,6 +119,8 @@ class ServingModel:
         if messages is not None:
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise EmptyPrompt("the prompt is empty: give at least one token of text")
         if len(ids) + max_tokens > self.engine.max_model_len:
             raise PromptTooLong(
                 f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, but the model's context "

@@ -1,36 +1,16 @@
 """The OpenAI-compatible routes, driven by the official `openai` client over real HTTP (uvicorn)."""
 
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
-
-from sculptor.bootstrap import ensure_initial_version
-from sculptor.config import Settings
-from sculptor.context import Context
-from sculptor.redis_server import free_port
-from service.app import create_app
+from gateway_helpers import running_gateway, tiny_settings
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, redis_url, tiny_model_dir):
-    settings = Settings(var_dir=tmp_path_factory.mktemp("oa"), redis_url=redis_url, engine="transformers",
-                        base_model_dir=str(tiny_model_dir), engine_dtype="float32", engine_max_model_len=256)
-    ctx = Context.from_settings(settings)
-    ctx.redis.flushdb()
-    ensure_initial_version(settings, ctx.redis, ctx.store)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
+    settings = tiny_settings(tmp_path_factory.mktemp("oa"), redis_url, tiny_model_dir)
+    with running_gateway(settings) as (url, _):
+        yield f"{url}/v1"
 
 
 @pytest.fixture

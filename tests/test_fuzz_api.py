@@ -1,41 +1,21 @@
 """Schema-driven fuzzing of every endpoint (schemathesis over the gateway's own OpenAPI schema),
 against the real gateway over HTTP: no input may produce a 5xx or leak a stack trace."""
 
-import threading
-import time
 
 import pytest
 import schemathesis
-import uvicorn
+from gateway_helpers import running_gateway, tiny_settings
 from hypothesis import HealthCheck, given, settings
-
-from sculptor.bootstrap import ensure_initial_version
-from sculptor.config import Settings
-from sculptor.context import Context
-from sculptor.redis_server import free_port
-from service.app import create_app
 
 TRIED = {"inputs": 0}
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, redis_url, tiny_model_dir):
-    settings = Settings(var_dir=tmp_path_factory.mktemp("fuzz"), redis_url=redis_url, engine="transformers",
-                        base_model_dir=str(tiny_model_dir), engine_dtype="float32", engine_max_model_len=256,
-                        max_tokens_cap=8, rate_limit_generate_per_min=0, rate_limit_uploads_per_min=0)
-    ctx = Context.from_settings(settings)
-    ctx.redis.flushdb()
-    ensure_initial_version(settings, ctx.redis, ctx.store)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    settings = tiny_settings(tmp_path_factory.mktemp("fuzz"), redis_url, tiny_model_dir, max_tokens_cap=8,
+                             rate_limit_generate_per_min=0, rate_limit_uploads_per_min=0)
+    with running_gateway(settings) as (url, _):
+        yield url
     print(f"schemathesis tried {TRIED['inputs']} inputs")
 
 

@@ -8,7 +8,6 @@
 
 import asyncio
 import os
-import uuid
 
 import pytest
 

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from gateway_helpers import running_gateway, tiny_settings
 
 from sculptor import checkpoints, cli
-from sculptor.locks import held_lock
-from sculptor.bootstrap import ensure_initial_version
-from sculptor.config import Settings
 from sculptor.context import Context
+from sculptor.locks import held_lock
 from sculptor.records import JobRecord, ModelVersion, Progress, TaskRecord
-from sculptor.redis_server import free_port
-from service.app import create_app
 from worker import gates
 from worker.gating import save_scores
 
@@ -36,21 +32,9 @@ CHROMIUM_INSTALL = "apt-get install -y chromium"
 # ---------- the gateway ----------
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, redis_url, tiny_model_dir):
-    settings = Settings(var_dir=tmp_path_factory.mktemp("status"), redis_url=redis_url, engine="transformers",
-                        base_model_dir=str(tiny_model_dir), engine_dtype="float32", engine_max_model_len=256)
-    ctx = Context.from_settings(settings)
-    ctx.redis.flushdb()
-    ensure_initial_version(settings, ctx.redis, ctx.store)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", ctx
-    server.should_exit = True
-    thread.join(10)
+    settings = tiny_settings(tmp_path_factory.mktemp("status"), redis_url, tiny_model_dir)
+    with running_gateway(settings) as (url, ctx):
+        yield url, ctx
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from celery.signals import setup_logging, worker_ready
 
 from sculptor import logs
@@ -38,7 +40,10 @@ def _logging(**_) -> None:
 
 
 @worker_ready.connect
-def _recover_at_start(**_) -> None:
+def _at_start(**_) -> None:
+    threads = get_settings().train_threads
+    if threads > 0:
+        torch.set_num_threads(threads)
     recover_orphans(context())
 
 

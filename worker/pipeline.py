@@ -89,6 +89,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
         model, batches, constraint,
         learning_rate=hp.learning_rate or settings.default_learning_rate[hp.method],
         steps_per_epoch=steps_per_epoch,
+        bf16_autocast=use_bf16(settings.train_bf16),
         on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
         should_stop=lambda: ctx.jobs.get(job.job_id).cancel_requested,
     )
@@ -114,6 +115,15 @@ def promote(ctx: Context, job: JobRecord, task: TaskRecord, candidate: Candidate
     ctx.versions.promote(version)
     log.info("promoted %s (job %s, task %s)", version.version, job.job_id, task.task_id)
     return version
+
+
+def use_bf16(configured: bool | None) -> bool:
+    if configured is not None:
+        return configured
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_model(model_dir: Path):

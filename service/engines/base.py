@@ -35,6 +35,10 @@ class PromptTooLong(ValueError):
     pass
 
 
+class EmptyPrompt(ValueError):
+    pass
+
+
 class Engine(Protocol):
     name: str
     max_model_len: int

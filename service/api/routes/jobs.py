@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
 from pydantic import BaseModel
@@ -30,14 +30,13 @@ def _job_or_404(ctx: Context, job_id: str):
 
 
 @router.get("/jobs", dependencies=status_reader)
-async def list_jobs(offset: int = 0, limit: int = 50, status: str | None = None, task_id: str | None = None,
-                    ctx: Context = Depends(get_ctx)):
+async def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), status: str | None = None,
+                    task_id: str | None = None, ctx: Context = Depends(get_ctx)):
     jobs = ctx.jobs.all()
     if status:
         jobs = [j for j in jobs if j.status == status]
     if task_id:
         jobs = [j for j in jobs if j.task_id == task_id]
-    limit = max(1, min(limit, 500))
     return {"jobs": [j.model_dump() for j in jobs[offset:offset + limit]], "total": len(jobs), "offset": offset}
 
 

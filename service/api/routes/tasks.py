@@ -9,7 +9,7 @@ import json
 from urllib.parse import urlsplit
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -174,8 +174,9 @@ def store_and_enqueue(ctx: Context, sub: TaskSubmission) -> tuple[TaskRecord, Jo
 
 
 @router.get("/tasks", dependencies=[require("tasks")])
-async def list_tasks(offset: int = 0, limit: int = 50, ctx: Context = Depends(get_ctx)):
-    ids = ctx.tasks.ids(offset, max(1, min(limit, 500)))
+async def list_tasks(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500),
+                     ctx: Context = Depends(get_ctx)):
+    ids = ctx.tasks.ids(offset, limit)
     return {"tasks": [ctx.tasks.get(i).model_dump() for i in ids], "total": ctx.tasks.count(),
             "offset": offset}
 
