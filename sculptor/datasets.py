@@ -136,7 +136,12 @@ def parse_jsonl(raw: bytes) -> list[Example]:
 
 def parse_hyperparameters(obj: object) -> Hyperparameters:
     try:
-        return Hyperparameters.model_validate(obj or {})
+        hp = Hyperparameters.model_validate(obj or {})
+        if hp.gate_thresholds:
+            from worker.gates.decide import GateThresholds
+
+            GateThresholds().with_overrides(hp.gate_thresholds)  # unknown names fail here, not in the job
+        return hp
     except ValidationError as err:
         raise DatasetError(f"hyperparameters: {_describe(err)}", code="invalid_hyperparameters") from None
 

@@ -76,6 +76,9 @@ def test_empty_json_dataset_and_bad_hyperparameters(gateway):
     assert r.status_code == 422 and "empty" in r.json()["error"]["message"]
     r = client.post("/tasks", json={"name": "x", "examples": [EXAMPLE], "hyperparameters": {"epochs": 0}})
     assert r.status_code == 422 and "epochs" in r.json()["error"]["message"]
+    r = client.post("/tasks", json={"name": "x", "examples": [EXAMPLE], "hyperparameters": {
+        "gate_thresholds": {"retention_max_dorp": 0.1}}})
+    assert r.status_code == 422 and "retention_max_dorp" in r.json()["error"]["message"]
     assert ctx.tasks.count() == 0
 
 
