@@ -70,7 +70,7 @@ class Stack:
         services = [(n, p) for n, p in reversed(self.procs) if n != "redis"]
         for _, proc in services:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.terminate()  # SIGTERM: graceful for uvicorn and Celery, and never ignored like SIGINT can be
         self._wait(services)
         redis = [(n, p) for n, p in self.procs if n == "redis"]
         for _, proc in redis:
@@ -94,6 +94,8 @@ def main() -> int:
     settings = Settings()
     logs.setup(settings)
     stack = Stack(settings)
+    # Ctrl-C and SIGTERM both stop the stack, even when started with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()

@@ -4,6 +4,7 @@ Llama. We upload a task over HTTP, wait for the promotion, and check that the en
 `/generate` reports the new version and its greedy output equals the new checkpoint's, loaded fresh.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -53,7 +54,8 @@ def service(tmp_path_factory, tiny_learner_dir):
                SCULPTOR_GATE_GENERAL_TEXT_ITEMS="8", HF_HUB_OFFLINE="1")
     env.pop("REDIS_URL", None)
     log = open(var / "service.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=60)
 
@@ -67,11 +69,13 @@ def service(tmp_path_factory, tiny_learner_dir):
         wait_until(ready, 400, "the gateway to become ready", proc)
         yield client, var
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the stack may outlive the test
         log.close()
         print((var / "service.log").read_text()[-4000:])
 
