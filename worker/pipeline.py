@@ -18,8 +18,7 @@ from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.datasets import Example
 from sculptor.records import CANDIDATES_CHANNEL, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
-from worker import osft
-from worker import gating
+from worker import gating, osft
 from worker.training import data as training_data
 from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
 
@@ -56,6 +55,9 @@ def run_job(ctx: Context, job_id: str) -> JobRecord:
                                            candidate.parent_dir)
         if not report["passed"]:
             return ctx.jobs.update(job_id, status="rejected", gates=report, error=report["summary"])
+        if ctx.jobs.get(job_id).cancel_requested:
+            return ctx.jobs.update(job_id, status="cancelled", gates=report,
+                                   error="cancelled during evaluation; the candidate was not promoted")
         promote(ctx, job, task, candidate, report)
         report["lineage"] = gating.accuracy_matrix(ctx, candidate.version)
         return ctx.jobs.update(job_id, status="promoted", gates=report)
