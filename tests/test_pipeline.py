@@ -91,3 +91,26 @@ def test_cancel_while_running_stops_without_promoting(ctx):
     canceller.join()
     assert done.status == "cancelled" and "cancelled at step" in done.error
     assert ctx.versions.current() == "v0" and ctx.versions.count() == 1
+
+
+def test_rejected_candidate_can_be_force_promoted_and_rolled_back(ctx):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    _, job = submit(ctx, "barely", examples("say the greeting", "hello world"), learning_rate=1e-7, epochs=1)
+    done = pipeline.run_job(ctx, job.job_id)
+    assert done.status == "rejected" and "new_task" in done.error and ctx.versions.current() == "v0"
+
+    settings = ctx.settings.model_copy(update={"engine": "transformers", "engine_dtype": "float32",
+                                               "engine_max_model_len": 256})
+    with TestClient(create_app(settings)) as client:
+        assert client.post(f"/jobs/{job.job_id}/promote", json={}).status_code == 400
+        forced = client.post(f"/jobs/{job.job_id}/promote", json={"force": True})
+        assert forced.status_code == 200 and forced.json()["status"] == "promoted"
+        lineage = client.get("/models").json()
+        assert lineage["current"] == "v1" and lineage["versions"][-1]["forced"] is True
+        assert client.post(f"/jobs/{job.job_id}/promote", json={"force": True}).status_code == 409
+        back = client.post("/models/v0/activate")
+        assert back.status_code == 200 and back.json()["serving"] == "v0"
+        assert client.post("/generate", json={"prompt": "hi", "max_tokens": 2}).json()["model_version"] == "v0"
