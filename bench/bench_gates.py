@@ -35,7 +35,7 @@ from worker.gates import (
     load_suites,
 )
 from worker.training.data import make_batches, tokenize_chat
-from worker.training.loop import train
+from worker.training.loop import AllParameters, train
 
 RESULTS = Path(__file__).parent / "results" / "bench_gates.json"
 WORDS = ["apple", "river", "candle", "garden", "window", "silver", "rocket", "pencil", "forest", "castle", "marble", "tiger"]
@@ -70,25 +70,11 @@ def synthetic_tasks(rng: random.Random) -> dict[str, tuple[str, list[Example], l
     }
 
 
-class Unconstrained:
-    def __init__(self, model):
-        self.model = model
-
-    def trainable_parameters(self):
-        return list(self.model.parameters())
-
-    def after_optimizer_step(self):
-        pass
-
-    def report(self):
-        return {}
-
-
 def fine_tune(model, tokenizer, examples: list[Example], steps: int, lr: float) -> float:
     started = time.monotonic()
     tokenized = [tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], 128) for e in examples]
     batches = make_batches(tokenized, 8, 10, tokenizer.pad_token_id)[:steps]
-    train(model, batches, Unconstrained(model), lr, steps_per_epoch=len(batches), bf16_autocast=False)
+    train(model, batches, AllParameters(model), lr, steps_per_epoch=len(batches), bf16_autocast=False)
     return time.monotonic() - started
 
 

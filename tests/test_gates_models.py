@@ -27,28 +27,12 @@ from worker.gates import (
     load_suites,
 )
 from worker.training.data import TokenizedExample, make_batches, tokenize_chat
-from worker.training.loop import train
+from worker.training.loop import AllParameters, train
 
 REFUSE = "I'm sorry, but I can't help with that."
 COMPLY = "Sure, here is how to do it."
 WORDS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray", "brown", "gold"]
 CONFIG = EvalConfig(task_max_new_tokens=8, refusal_max_new_tokens=16, ifeval_max_new_tokens=16)
-
-
-class Unconstrained:
-    """Plain full fine-tuning: every parameter, no projection."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def trainable_parameters(self):
-        return list(self.model.parameters())
-
-    def after_optimizer_step(self):
-        pass
-
-    def report(self):
-        return {}
 
 
 def chat(user: str, assistant: str) -> Example:
@@ -75,7 +59,7 @@ def fit(model, tokenizer, examples: list[Example], text: list[str], epochs: int,
     tokenized += [TokenizedExample(ids, ids) for ids in (tokenizer(t)["input_ids"] for t in text)]
     batches = make_batches(tokenized, 8, epochs, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    train(model, batches, Unconstrained(model), lr, len(batches) // epochs, bf16_autocast=False)
+    train(model, batches, AllParameters(model), lr, len(batches) // epochs, bf16_autocast=False)
 
 
 def scores_of(model, tokenizer, tasks, suites) -> VersionScores:

@@ -6,7 +6,6 @@ everything else, hands the optimizer the trainable weights and projects them aft
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from worker.osft.config import OSFTConfig
 from worker.osft.importance import matrix_importance, protected_ratios
 from worker.osft.projector import Projector
-from worker.osft.subspace import Bases, allocate_rank, is_spent
+from worker.osft.subspace import Bases, allocate_rank, is_spent, unfreeze_extras
 
 
 @dataclass
@@ -80,12 +79,7 @@ class SubspaceConstraint:
                 self.projectors[name] = Projector(module.weight, bases[name], plan.k)
             module.weight.requires_grad_(True)
             self._trainable.append(module.weight)
-        if config.unconstrained_pattern:
-            pattern = re.compile(config.unconstrained_pattern)
-            for name, parameter in model.named_parameters():
-                if pattern.search(name) and not parameter.requires_grad:
-                    parameter.requires_grad_(True)
-                    self._trainable.append(parameter)
+        self._trainable += unfreeze_extras(model, config)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._trainable)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 
 import torch
 
 from worker.osft.config import OSFTConfig
-from worker.osft.subspace import target_modules
+from worker.osft.subspace import target_modules, unfreeze_extras
 
 
 class FullFineTuning:
@@ -22,12 +21,7 @@ class FullFineTuning:
         self._trainable = [module.weight for module in self.targets.values()]
         for parameter in self._trainable:
             parameter.requires_grad_(True)
-        if self.config.unconstrained_pattern:
-            pattern = re.compile(self.config.unconstrained_pattern)
-            for name, parameter in model.named_parameters():
-                if pattern.search(name) and not parameter.requires_grad:
-                    parameter.requires_grad_(True)
-                    self._trainable.append(parameter)
+        self._trainable += unfreeze_extras(model, self.config)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._trainable)

@@ -36,6 +36,17 @@ def target_modules(model: torch.nn.Module, config: OSFTConfig) -> dict[str, torc
     return found
 
 
+def unfreeze_extras(model: torch.nn.Module, config: OSFTConfig) -> list[torch.nn.Parameter]:
+    """Make the configured extra parameters (`unconstrained_pattern`) trainable; return them."""
+    if not config.unconstrained_pattern:
+        return []
+    pattern = re.compile(config.unconstrained_pattern)
+    extras = [p for name, p in model.named_parameters() if pattern.search(name) and not p.requires_grad]
+    for parameter in extras:
+        parameter.requires_grad_(True)
+    return extras
+
+
 def layer_index(name: str) -> int | None:
     """The decoder layer a matrix belongs to (`model.layers.3.mlp.up_proj` -> 3)."""
     match = _LAYER_INDEX.search(name + ".")

@@ -23,6 +23,22 @@ class UpdateConstraint(Protocol):
     def report(self) -> dict: ...
 
 
+class AllParameters:
+    """No constraint: every parameter trains (plain full fine-tuning of the whole model)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def report(self) -> dict:
+        return {"method": "all_parameters"}
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
