@@ -99,4 +99,6 @@ def test_generate_reports_the_serving_version(gateway):
     assert r.json()["usage"]["completion_tokens"] <= 5
     r = client.post("/generate", json={"prompt": "hello " * 300, "max_tokens": 5})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert client.post("/generate", json={"messages": [], "max_tokens": 5}).status_code == 422  # found by fuzzing
+    assert client.post("/generate", json={"prompt": "", "max_tokens": 5}).json()["error"]["code"] == "empty_prompt"
     assert client.get("/readyz").json()["ready"] is True
