@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     train_queue: str = "train"
     job_visibility_timeout_s: int = 6 * 3600  # a job unacknowledged this long is re-delivered
     job_lock_ttl_s: int = 60  # a dead worker's locks expire after this long (renewed while alive)
+    job_order_wait_s: float = 600.0  # how long a job waits for older jobs held by other workers
     job_max_attempts: int = 2  # a job whose worker died is retried from the start up to this many runs
     recovery_interval_s: float = 15.0  # how often the gateway looks for jobs that lost their worker
 

@@ -8,6 +8,7 @@ once, and the lineage lock, so jobs build on each other one at a time and the li
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -16,11 +17,12 @@ from celery.signals import setup_logging, worker_ready
 from sculptor import logs
 from sculptor.config import get_settings
 from sculptor.context import Context
+from sculptor.records import JobRecord
 from sculptor.webhooks import announce
 from sculptor.locks import LockBusy, held_lock
 from worker import pipeline
 from worker.celery_app import TRAIN_TASK, app
-from worker.recovery import recover_orphans
+from worker.recovery import job_lock_held, recover_orphans
 
 log = logging.getLogger("sculptor.worker")
 
@@ -47,6 +49,21 @@ def _at_start(**_) -> None:
     recover_orphans(context())
 
 
+def wait_for_older_jobs(ctx: Context, job: JobRecord, poll_s: float = 0.2) -> None:
+    """Jobs build on each other in order of arrival: let any older job that another worker holds go first.
+
+    Only jobs whose own lock is held count (a worker has them in hand), so a job whose message was lost
+    cannot block the ones after it; `job_order_wait_s` bounds the wait in any case.
+    """
+    deadline = time.monotonic() + ctx.settings.job_order_wait_s
+    while time.monotonic() < deadline:
+        older = [j for j in ctx.jobs.all(newest_first=False)
+                 if j.created_at < job.created_at and j.status == "queued" and job_lock_held(ctx, j.job_id)]
+        if not older:
+            return
+        time.sleep(poll_s)
+
+
 @app.task(name=TRAIN_TASK, bind=True)
 def train_job(self, job_id: str) -> str | None:
     ctx = context()
@@ -57,6 +74,7 @@ def train_job(self, job_id: str) -> str | None:
         return None  # unknown, or a re-delivery of a job that already ended
     try:
         with held_lock(ctx.redis, f"job:{job_id}", ttl, wait_s=0):
+            wait_for_older_jobs(ctx, before)
             with held_lock(ctx.redis, "lineage", ttl, wait_s=None):
                 job = pipeline.run_job(ctx, job_id)
     except LockBusy:
