@@ -99,19 +99,17 @@ class ServingModel:
                 await self.engine.resume()
                 self.admitting.set()
             record = SwapRecord(version, previous, error is None, fetched - started, time.monotonic() - fetched, error)
-            if record.ok:
-                metrics.set_serving_version(version)
             return self._record(record)
 
     def _record(self, record: SwapRecord) -> SwapRecord:
         self.swaps = (self.swaps + [record])[-50:]
         metrics.SWAPS.labels(outcome="ok" if record.ok else "failed").inc()
-        if not record.ok:
-            self.refused.add(record.version)
         if record.ok:
             metrics.SWAP_SECONDS.observe(record.fetch_s + record.stall_s)
+            metrics.set_serving_version(record.version)
             log.info("now serving %s (fetch %.2fs, stall %.3fs)", record.version, record.fetch_s, record.stall_s)
         else:
+            self.refused.add(record.version)
             log.error("swap to %s failed, still serving %s: %s", record.version, self.version, record.error)
         return record
 
