@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     engine_max_model_len: int = 2048
     engine_kv_cache_gib: int = 2
     engine_max_num_seqs: int = 32
+    # "keep": requests in flight continue on the new weights after a swap (none fails, the shortest stall);
+    # "wait": the swap waits for them to finish first, so every answer comes from exactly one version.
+    swap_pause_mode: Literal["keep", "wait"] = "keep"
     engine_enforce_eager: bool = False  # True skips vLLM's graph compilation (faster start, slower tokens)
     max_tokens_cap: int = 1024
 

@@ -40,7 +40,7 @@ def make_engine(settings: Settings) -> Engine:
         from service.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(settings.engine_dtype, settings.engine_max_model_len, settings.engine_max_num_seqs,
-                          settings.engine_enforce_eager, settings.engine_kv_cache_gib)
+                          settings.engine_enforce_eager, settings.engine_kv_cache_gib, settings.swap_pause_mode)
     from service.engines.hf_engine import TransformersEngine
 
     return TransformersEngine(settings.engine_dtype, settings.engine_max_model_len)

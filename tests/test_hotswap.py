@@ -41,8 +41,8 @@ def ctx(tmp_path_factory, redis_url):
     return context
 
 
-def serving(ctx) -> ServingModel:
-    return ServingModel(ctx, VLLMEngine("bfloat16", 512, 8, enforce_eager=True))
+def serving(ctx, pause_mode: str = "keep") -> ServingModel:
+    return ServingModel(ctx, VLLMEngine("bfloat16", 512, 8, enforce_eager=True, pause_mode=pause_mode))
 
 
 async def greedy(model: ServingModel) -> list[str]:
@@ -96,6 +96,15 @@ def test_swap_matches_fresh_engine_and_rollback(ctx):
         broken = await model.swap_to("v1")
         assert not broken.ok and "injected" in broken.error and model.version == "v0"
         assert await greedy(model) == fresh_v0  # the old weights were put back before resuming
+
+        # Pause mode "wait": requests in flight finish on the old version before the reload.
+        long = SamplingOptions(max_tokens=48, temperature=0.0)
+        expected = [(await collect(await open_stream(model, p, None, long)))[0] for p in PROMPTS]
+        model.engine.pause_mode = "wait"
+        in_flight = [asyncio.create_task(collect(await open_stream(model, p, None, long))) for p in PROMPTS]
+        await asyncio.sleep(0.05)
+        assert (await model.swap_to("v1")).ok
+        assert [text for text, _ in await asyncio.gather(*in_flight)] == expected
         await model.engine.shutdown()
 
     asyncio.run(scenario())

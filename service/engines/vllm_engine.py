@@ -18,12 +18,13 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, dtype: str, max_model_len: int, max_num_seqs: int, enforce_eager: bool,
-                 kv_cache_gib: int = 2):
+                 kv_cache_gib: int = 2, pause_mode: str = "keep"):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
         self.kv_cache_gib = kv_cache_gib
+        self.pause_mode = pause_mode
         self.llm = None
 
     async def start(self, model_dir: Path) -> None:
@@ -59,8 +60,8 @@ class VLLMEngine:
                 yield Chunk(delta)
 
     async def pause(self) -> None:
-        # "keep" freezes in-flight requests in the queue; they continue after resume.
-        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        # "keep" freezes in-flight requests in the queue (they continue after resume); "wait" lets them finish.
+        await self.llm.pause_generation(mode=self.pause_mode, clear_cache=False)
 
     async def reload(self, model_dir: Path) -> None:
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
