@@ -120,7 +120,7 @@ class _JsonStore:
     def ids(self, offset: int = 0, limit: int = -1, newest_first: bool = True) -> list[str]:
         end = -1 if limit < 0 else offset + limit - 1
         fetch = self.r.zrevrange if newest_first else self.r.zrange
-        return [i.decode() if isinstance(i, bytes) else i for i in fetch(self._index(), offset, end)]
+        return fetch(self._index(), offset, end)
 
     def all(self, newest_first: bool = True) -> list:
         ids = self.ids(newest_first=newest_first)
@@ -198,8 +198,7 @@ class JobStore(_JsonStore):
         return [json.loads(e) for e in self.r.lrange(self.events_key(job_id), start, -1)]
 
     def for_task(self, task_id: str) -> list[str]:
-        return [i.decode() if isinstance(i, bytes) else i
-                for i in self.r.zrange(f"{PREFIX}:jobs:task:{task_id}", 0, -1)]
+        return self.r.zrange(f"{PREFIX}:jobs:task:{task_id}", 0, -1)
 
 
 class VersionStore(_JsonStore):
@@ -215,8 +214,7 @@ class VersionStore(_JsonStore):
         return f"v{self.r.incr(f'{PREFIX}:version-seq')}"
 
     def current(self) -> str | None:
-        raw = self.r.get(self.current_key)
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return self.r.get(self.current_key)
 
     def promote(self, version: ModelVersion) -> None:
         """Record `version` in the lineage, make it current, and tell every gateway."""

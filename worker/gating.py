@@ -66,12 +66,14 @@ def suites(ctx: Context) -> gates.Suites:
 def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: str,
                        candidate_dir: Path, parent_dir: Path) -> dict:
     """Score `candidate`, gate it against `parent`, and return the JSON-able gate report."""
-    task_evals = {}
+    task_evals, overrides = {}, {}
     for _, task_id in lineage_tasks(ctx, parent) + [(candidate, task.task_id)]:
         record = ctx.tasks.get(task_id)
         examples = eval_examples(ctx, record)
         if examples:
             task_evals[task_id] = (record.metric, examples)
+        if record.hyperparameters.gate_thresholds:
+            overrides[task_id] = record.hyperparameters.gate_thresholds
     the_suites = suites(ctx)
     parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
                                    reuse=load_scores(ctx, parent))
@@ -79,9 +81,7 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
     candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites)
     save_scores(ctx, candidate, candidate_scores)
     thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
-    overrides = {t: ctx.tasks.get(t).hyperparameters.gate_thresholds for t in task_evals}
-    report = gates.decide(candidate_scores, parent_scores, task.task_id, thresholds,
-                          {t: o for t, o in overrides.items() if o})
+    report = gates.decide(candidate_scores, parent_scores, task.task_id, thresholds, overrides)
     return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds}
 
 
