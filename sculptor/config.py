@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # "wait": the swap waits for them to finish first, so every answer comes from exactly one version.
     swap_pause_mode: Literal["keep", "wait"] = "keep"
     engine_enforce_eager: bool = False  # True skips vLLM's graph compilation (faster start, slower tokens)
+    # Scale: engine replicas behind one gateway (swapped one at a time), and per-replica GPU settings.
+    engine_replicas: int = Field(1, ge=1)
+    engine_tensor_parallel_size: int = Field(1, ge=1)  # GPUs per replica (vLLM tensor parallelism)
+    engine_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM's share of each GPU's memory
     max_tokens_cap: int = 1024
 
     # Access: no keys means an open gateway, which then binds to loopback only.
