@@ -1,0 +1,170 @@
+"""The SVD constraint on FSDP-sharded weights: each rank projects its own rows, one all-reduce per matrix.
+
+FSDP (`fully_shard`) splits every weight W (out × in) by rows: rank r holds rows R_r of W, of its
+gradient and of its Adam states, so it also holds rows R_r of ΔW = W − W_parent (the anchor is
+sharded the same way). The projection ΔW ← (I − U_k U_kᵀ) ΔW (I − V_k V_kᵀ) then splits in two:
+
+  * the right side, ΔW (I − V_k V_kᵀ), is row-local: each row needs only itself and all of V
+    (in × k, or its complement), so every rank keeps the whole right-side basis;
+  * the left side, (I − U_k U_kᵀ) X, needs U_kᵀ X = Σ_r U_k[R_r]ᵀ X[R_r], a sum over all rows: each
+    rank computes its partial sum from its own rows of U, one all-reduce adds them, and each rank
+    subtracts U_k[R_r] (U_kᵀ X) from its rows. U is sharded exactly like W.
+
+We apply the right side first: where it is stored as a complement Q_V (in × c, c = m − k), X = ΔW Q_V
+has only c columns, so the all-reduce carries a (k or c) × c block instead of (k or c) × in. As in
+`worker.osft.projector`, each side keeps whichever of the protected basis or its complement is smaller.
+No full matrix is ever gathered; the bases are sliced from the full SVD once, before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from worker.osft.config import OSFTConfig
+from worker.osft.constraint import MatrixPlan
+from worker.osft.subspace import Bases, unfreeze_extras
+
+
+def local_rows(weight: DTensor) -> slice:
+    """The rows of the full matrix that this rank holds (FSDP2 shards dim 0 like `torch.chunk`)."""
+    if tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"expected a weight sharded by rows, got placements {weight.placements}")
+    mesh = weight.device_mesh
+    rows, world, rank = weight.shape[0], mesh.size(), mesh.get_local_rank()
+    per_rank = -(-rows // world)
+    start = min(rank * per_rank, rows)
+    stop = min(start + per_rank, rows)
+    if weight.to_local().shape[0] != stop - start:
+        raise RuntimeError(f"local shard has {weight.to_local().shape[0]} rows, expected {stop - start}")
+    return slice(start, stop)
+
+
+class Side:
+    """One side's projector I − P on this rank: the protected basis B (I − P = I − BBᵀ) or its complement
+    Q (I − P = QQᵀ), whichever has fewer columns (the rule of worker.osft.projector)."""
+
+    def __init__(self, singular_vectors: torch.Tensor, k: int, complement_exists: bool):
+        m = singular_vectors.shape[1]
+        self.complement = complement_exists and m - k < k
+        columns = singular_vectors[:, k:] if self.complement else singular_vectors[:, :k]
+        self.basis = columns.contiguous().clone()
+
+    def numel(self) -> int:
+        return self.basis.numel()
+
+
+class ShardedProjector:
+    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k < m."""
+
+    def __init__(self, weight: DTensor, bases: Bases, k: int):
+        if getattr(bases, "memory", None) is not None and bases.memory.numel():
+            raise NotImplementedError("task memory (worker/osft/memory.py) is not applied to sharded weights yet")
+        local = weight.to_local()
+        if local.dtype != torch.float32:
+            raise ValueError(f"the constraint needs fp32 master weights, got {local.dtype}")
+        out_features, in_features = weight.shape
+        m = bases.S.numel()
+        rows = local_rows(weight)
+        self.k = k
+        self.group = weight.device_mesh.get_group()
+        self.anchor = local.detach().clone()
+        device = local.device
+        self.left = Side(bases.U[rows].to(device), k, complement_exists=out_features == m)
+        self.right = Side(bases.Vh.T.to(device), k, complement_exists=in_features == m)
+
+    @torch.no_grad()
+    def project_(self, weight: DTensor) -> None:
+        """Move this rank's rows of `weight` (in place) onto the constraint set. Every rank must call it."""
+        local = weight.to_local()
+        delta = local - self.anchor
+        right = self.right.basis
+        if self.right.complement:   # ΔW (I − P_V) = (ΔW Q_V) Q_Vᵀ: the left side works on thin rows × c
+            thin = self._from_left(delta @ right)
+            torch.addmm(self.anchor, thin, right.T, out=local)
+        else:                       # ΔW (I − P_V) = ΔW − (ΔW V_k) V_kᵀ
+            local.copy_(self.anchor + self._from_left(delta - (delta @ right) @ right.T))
+
+    def _from_left(self, x: torch.Tensor) -> torch.Tensor:
+        """(I − P_U) x for this rank's rows of x: the only step that talks to other ranks."""
+        coefficients = self.left.basis.T @ x    # this rank's share of Bᵀ x (B: U_k or its complement)
+        dist.all_reduce(coefficients, group=self.group)
+        if self.left.complement:
+            return self.left.basis @ coefficients
+        return x - self.left.basis @ coefficients
+
+    def extra_numel(self) -> int:
+        """Floats this rank holds beyond its shard of the weight (anchor rows, U rows, all of V)."""
+        return self.anchor.numel() + self.left.numel() + self.right.numel()
+
+
+class ShardedSubspaceConstraint:
+    """UpdateConstraint (worker.training.loop) for method "osft" on a model sharded with `fully_shard`.
+
+    Build it after sharding, from plans and bases computed on the full parent weights (the same
+    `plan_matrices` and `compute_bases` the single-process `SubspaceConstraint` uses). Which
+    parameters train must be decided before sharding: see `mark_trainable`.
+    """
+
+    def __init__(
+        self,
+        targets: dict[str, torch.nn.Linear],
+        plans: dict[str, MatrixPlan],
+        bases: dict[str, Bases],
+        extras: list[torch.nn.Parameter],
+    ):
+        self.targets = targets
+        self.plans = plans
+        self.projectors: dict[str, ShardedProjector] = {}
+        self._trainable: list[torch.nn.Parameter] = []
+        for name, module in targets.items():
+            plan = plans[name]
+            if plan.spent:
+                continue
+            if plan.k > 0:
+                self.projectors[name] = ShardedProjector(module.weight, bases[name], plan.k)
+            self._trainable.append(module.weight)
+        self._trainable += extras
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._trainable)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        for name, projector in self.projectors.items():  # same order on every rank: targets are in model order
+            projector.project_(self.targets[name].weight)
+
+    def report(self) -> dict:
+        spent = [name for name, plan in self.plans.items() if plan.spent]
+        total_m = sum(plan.m for plan in self.plans.values())
+        return {
+            "method": "osft",
+            "sharded": True,
+            "protected_fraction": round(sum(plan.k for plan in self.plans.values()) / total_m, 4),
+            "trainable_matrices": len(self.plans) - len(spent),
+            "spent_matrices": spent,
+            "matrices": {name: asdict(plan) for name, plan in self.plans.items()},
+        }
+
+
+def mark_trainable(
+    model: torch.nn.Module,
+    targets: dict[str, torch.nn.Linear],
+    plans: dict[str, MatrixPlan],
+    config: OSFTConfig,
+) -> list[str]:
+    """Freeze everything except the unspent targets and the configured extras; return the extras' names.
+
+    Call before `fully_shard`: the sharded parameters inherit `requires_grad`. The names let the caller
+    find the extras again among the sharded parameters (sharding replaces the Parameter objects).
+    """
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, module in targets.items():
+        if not plans[name].spent:
+            module.weight.requires_grad_(True)
+    extras = {id(p) for p in unfreeze_extras(model, config)}
+    return [name for name, p in model.named_parameters() if id(p) in extras]
