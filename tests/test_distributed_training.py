@@ -43,15 +43,20 @@ def load(model_dir):
 
 
 def run_rank(rank: int, world: int, init_file: str, model_dir: str, batches: list, out_path: str) -> None:
+    """One of the 2 processes: train twice (right-side bases resident, then sharded); rank 0 saves both."""
     torch.set_num_threads(1)
     mesh = init_distributed(f"file://{init_file}", rank, world)
     try:
-        model = load(model_dir)
-        result, constraint = train_sharded(model, batches, mesh, LEARNING_RATE,
-                                           steps_per_epoch=len(batches) // 2, importance_steps=IMPORTANCE_STEPS)
-        state_dict = gather_state_dict(model)
+        runs = {}
+        for shard_right in (False, True):
+            model = load(model_dir)
+            result, constraint = train_sharded(model, batches, mesh, LEARNING_RATE,
+                                               steps_per_epoch=len(batches) // 2, importance_steps=IMPORTANCE_STEPS,
+                                               shard_right_bases=shard_right)
+            runs[shard_right] = {"state_dict": gather_state_dict(model), "losses": result.losses,
+                                 "report": constraint.report()}
         if rank == 0:
-            torch.save({"state_dict": state_dict, "losses": result.losses, "report": constraint.report()}, out_path)
+            torch.save(runs, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -62,7 +67,7 @@ def test_two_processes_keep_the_invariant_and_match_one_process(tiny_model_dir, 
 
     out_path = tmp_path / "rank0.pt"
     mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tiny_model_dir), batches, str(out_path)), nprocs=2)
-    sharded = torch.load(out_path)
+    runs = torch.load(out_path)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -74,24 +79,29 @@ def test_two_processes_keep_the_invariant_and_match_one_process(tiny_model_dir, 
                           steps_per_epoch=len(batches) // 2, bf16_autocast=False)
     finally:
         torch.set_num_threads(threads)
+    expected = {name: p.detach() for name, p in model.named_parameters()}
 
-    plans = {name: plan["k"] for name, plan in sharded["report"]["matrices"].items()}
-    assert plans == {name: plan["k"] for name, plan in constraint.report()["matrices"].items()}
-    assert max(abs(a - b) for a, b in zip(sharded["losses"], reference.losses, strict=True)) < 1e-5
+    for shard_right, run in runs.items():
+        assert run["report"]["right_bases_sharded"] is shard_right
+        plans = {name: plan["k"] for name, plan in run["report"]["matrices"].items()}
+        assert plans == {name: plan["k"] for name, plan in constraint.report()["matrices"].items()}
+        assert max(abs(a - b) for a, b in zip(run["losses"], reference.losses, strict=True)) < 1e-5
+        check_weights(run["state_dict"], before, expected, {f"{name}.weight": k for name, k in plans.items()})
 
-    weights = sharded["state_dict"]
-    targets = {f"{name}.weight": k for name, k in plans.items()}
-    for name, p in model.named_parameters():
-        trained = weights[name]
+
+def check_weights(trained: dict, before: dict, expected: dict, targets: dict[str, int]) -> None:
+    """The invariant of tests/test_osft_invariant.py on the gathered weights, and equality with one process."""
+    for name, parent_weight in before.items():
+        weight = trained[name]
         if name not in targets:
-            assert torch.equal(trained, before[name]), f"{name} is frozen but changed"
+            assert torch.equal(weight, parent_weight), f"{name} is frozen but changed"
             continue
         k = targets[name]
-        parent = compute_bases(before[name])
-        delta = trained - before[name]
+        parent = compute_bases(parent_weight)
+        delta = weight - parent_weight
         size = delta.norm()
-        assert size > 1e-3 * before[name].norm(), f"{name} did not train"
+        assert size > 1e-3 * parent_weight.norm(), f"{name} did not train"
         assert (parent.U[:, :k].T @ delta).norm() <= 1e-4 * size, f"{name} moved in a protected left direction"
         assert (delta @ parent.Vh[:k].T).norm() <= 1e-4 * size, f"{name} moved in a protected right direction"
-        difference = (trained - p.detach()).abs().max()
+        difference = (weight - expected[name]).abs().max()
         assert difference <= WEIGHT_TOLERANCE, f"{name}: 2 processes differ from 1 by {difference:.2e}"

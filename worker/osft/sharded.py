@@ -58,9 +58,14 @@ class Side:
 
 
 class ShardedProjector:
-    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k < m."""
+    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k < m.
 
-    def __init__(self, weight: DTensor, bases: Bases, k: int):
+    The right-side basis is needed whole, one matrix at a time. By default every rank keeps it resident;
+    with `shard_right` each rank keeps 1/N of its rows and the projection all-gathers it just in time
+    (one more collective per matrix, and 1/N of the memory: what a 70B model needs, see deploy/README.md).
+    """
+
+    def __init__(self, weight: DTensor, bases: Bases, k: int, shard_right: bool = False):
         if getattr(bases, "memory", None) is not None and bases.memory.numel():
             raise NotImplementedError("task memory (worker/osft/memory.py) is not applied to sharded weights yet")
         local = weight.to_local()
@@ -75,18 +80,29 @@ class ShardedProjector:
         device = local.device
         self.left = Side(bases.U[rows].to(device), k, complement_exists=out_features == m)
         self.right = Side(bases.Vh.T.to(device), k, complement_exists=in_features == m)
+        self.in_features = in_features
+        if shard_right:
+            self.right.basis = _padded_row_chunk(self.right.basis, self.group)
+        self.shard_right = shard_right
 
     @torch.no_grad()
     def project_(self, weight: DTensor) -> None:
         """Move this rank's rows of `weight` (in place) onto the constraint set. Every rank must call it."""
         local = weight.to_local()
         delta = local - self.anchor
-        right = self.right.basis
+        right = self._right_basis()
         if self.right.complement:   # ΔW (I − P_V) = (ΔW Q_V) Q_Vᵀ: the left side works on thin rows × c
             thin = self._from_left(delta @ right)
             torch.addmm(self.anchor, thin, right.T, out=local)
         else:                       # ΔW (I − P_V) = ΔW − (ΔW V_k) V_kᵀ
             local.copy_(self.anchor + self._from_left(delta - (delta @ right) @ right.T))
+
+    def _right_basis(self) -> torch.Tensor:
+        if not self.shard_right:
+            return self.right.basis
+        chunks = [torch.empty_like(self.right.basis) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(chunks, self.right.basis, group=self.group)
+        return torch.cat(chunks)[: self.in_features]
 
     def _from_left(self, x: torch.Tensor) -> torch.Tensor:
         """(I − P_U) x for this rank's rows of x: the only step that talks to other ranks."""
@@ -97,37 +113,36 @@ class ShardedProjector:
         return x - self.left.basis @ coefficients
 
     def extra_numel(self) -> int:
-        """Floats this rank holds beyond its shard of the weight (anchor rows, U rows, all of V)."""
+        """Floats this rank holds beyond its shard of the weight (anchor rows, U rows, V whole or its rows)."""
         return self.anchor.numel() + self.left.numel() + self.right.numel()
+
+
+def _padded_row_chunk(basis: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's equal share of the rows of `basis`, zero-padded so all ranks' shares have one shape."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    per_rank = -(-basis.shape[0] // world)
+    padded = torch.nn.functional.pad(basis, (0, 0, 0, per_rank * world - basis.shape[0]))
+    return padded[rank * per_rank:(rank + 1) * per_rank].clone()
 
 
 class ShardedSubspaceConstraint:
     """UpdateConstraint (worker.training.loop) for method "osft" on a model sharded with `fully_shard`.
 
-    Build it after sharding, from plans and bases computed on the full parent weights (the same
-    `plan_matrices` and `compute_bases` the single-process `SubspaceConstraint` uses). Which
-    parameters train must be decided before sharding: see `mark_trainable`.
+    Which parameters train is decided before sharding (`mark_trainable`); the projectors are built after
+    it, one matrix at a time (worker.training.distributed), so no rank ever holds every matrix's full bases.
     """
 
     def __init__(
         self,
         targets: dict[str, torch.nn.Linear],
         plans: dict[str, MatrixPlan],
-        bases: dict[str, Bases],
+        projectors: dict[str, ShardedProjector],
         extras: list[torch.nn.Parameter],
     ):
         self.targets = targets
         self.plans = plans
-        self.projectors: dict[str, ShardedProjector] = {}
-        self._trainable: list[torch.nn.Parameter] = []
-        for name, module in targets.items():
-            plan = plans[name]
-            if plan.spent:
-                continue
-            if plan.k > 0:
-                self.projectors[name] = ShardedProjector(module.weight, bases[name], plan.k)
-            self._trainable.append(module.weight)
-        self._trainable += extras
+        self.projectors = projectors
+        self._trainable = [module.weight for name, module in targets.items() if not plans[name].spent] + extras
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._trainable)
@@ -143,6 +158,7 @@ class ShardedSubspaceConstraint:
         return {
             "method": "osft",
             "sharded": True,
+            "right_bases_sharded": any(p.shard_right for p in self.projectors.values()),
             "protected_fraction": round(sum(plan.k for plan in self.plans.values()) / total_m, 4),
             "trainable_matrices": len(self.plans) - len(spent),
             "spent_matrices": spent,

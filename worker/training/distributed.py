@@ -6,8 +6,8 @@ Launch one process per GPU (or, on CPU, per core group) with torchrun:
         --model-dir PARENT_DIR --batches batches.pt --out-dir CANDIDATE_DIR --learning-rate 3e-4
 
 `batches.pt` is `torch.save` of the job's global batches (what `worker.training.data.make_batches`
-returns). Every rank loads the parent model, the plan (protected ranks) is made once on rank 0, the SVDs
-are spread over the ranks, the model is sharded, each rank trains on its rows of every global batch
+returns). Every rank loads the parent model, the plan (protected ranks) is made once on rank 0, the model
+is sharded, the SVDs are spread over the ranks (one matrix at a time), each rank trains on its rows of every global batch
 with the unchanged loop (`worker.training.loop.train`), and rank 0 writes the gathered checkpoint.
 NCCL on GPUs, gloo on CPU; FSDP2 runs on both (tests/test_distributed_training.py runs 2 CPU processes).
 """
@@ -28,11 +28,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from worker.osft.config import OSFTConfig
 from worker.osft.constraint import MatrixPlan, plan_matrices
 from worker.osft.importance import layer_importance
-from worker.osft.sharded import ShardedSubspaceConstraint, mark_trainable
+from worker.osft.sharded import (
+    ShardedProjector,
+    ShardedSubspaceConstraint,
+    mark_trainable,
+)
 from worker.osft.subspace import Bases, compute_bases, target_modules
 from worker.training.data import IGNORE_INDEX
 from worker.training.loop import TrainResult, train
@@ -83,28 +88,36 @@ def plan_on_rank0(model: torch.nn.Module, targets: dict[str, torch.nn.Linear],
     return box[0]
 
 
-def spread_svd(targets: dict[str, torch.nn.Linear], names: list[str], device: torch.device) -> dict[str, Bases]:
-    """The parent's bases, each matrix decomposed by one rank and broadcast from it.
+def broadcast_bases(weight: DTensor, owner: int, device: torch.device) -> Bases:
+    """The SVD of one sharded weight, computed by rank `owner` and sent to all ranks.
 
-    Every rank must hold bitwise the same bases (the left side sums U rows from all ranks, and an SVD's
-    singular vectors are only defined up to sign), so no rank may compute its own copy.
+    Every rank must hold bitwise the same bases (the left side sums U rows from all ranks, and singular
+    vectors are only defined up to sign), so no rank may compute its own copy. Callers give each matrix
+    its own owner to spread the SVDs; only one matrix's full weight and bases exist at a time.
     """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    bases = {}
-    for i, name in enumerate(names):
-        weight = targets[name].weight.detach()
-        owner = i % world
-        if rank == owner:
-            b = compute_bases(weight.to(device))
-        else:
-            out, inp = weight.shape
-            m = min(out, inp)
-            b = Bases(torch.empty(out, m, device=device), torch.empty(m, device=device),
+    full = weight.detach().full_tensor()  # a collective: every rank takes part
+    if dist.get_rank() == owner:
+        bases = compute_bases(full.to(device))
+    else:
+        out, inp = full.shape
+        m = min(out, inp)
+        bases = Bases(torch.empty(out, m, device=device), torch.empty(m, device=device),
                       torch.empty(m, inp, device=device))
-        for tensor in (b.U, b.S, b.Vh):
-            dist.broadcast(tensor, src=owner)
-        bases[name] = b
+    for tensor in (bases.U, bases.S, bases.Vh):
+        dist.broadcast(tensor, src=owner)
     return bases
+
+
+def build_projectors(targets: dict[str, torch.nn.Linear], plans: dict[str, MatrixPlan], device: torch.device,
+                     shard_right: bool) -> dict[str, ShardedProjector]:
+    """A projector for every target that trains under protection, from the sharded weights."""
+    names = [name for name, plan in plans.items() if not plan.spent and plan.k > 0]
+    projectors = {}
+    for i, name in enumerate(names):
+        weight = targets[name].weight
+        bases = broadcast_bases(weight, owner=i % dist.get_world_size(), device=device)
+        projectors[name] = ShardedProjector(weight, bases, plans[name].k, shard_right)
+    return projectors
 
 
 def shard_model(model: torch.nn.Module, mesh: DeviceMesh, bf16_params: bool) -> None:
@@ -133,11 +146,13 @@ def train_sharded(
     parent_record: dict | None = None,
     importance_steps: int = 4,
     bf16: bool = False,
+    shard_right_bases: bool = False,
 ) -> tuple[TrainResult, ShardedSubspaceConstraint]:
     """Plan, shard and train `model` (full, fp32, the same on every rank) on the global `batches`.
 
     Returns the loop's result (losses are the global batch's mean token loss) and the constraint.
     method "full" trains the same matrices without projection (the baseline of `worker.osft.full`).
+    `shard_right_bases`: keep 1/N of each right-side basis per rank and gather it per matrix (large models).
     """
     config = config or OSFTConfig()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
@@ -145,16 +160,14 @@ def train_sharded(
     targets = target_modules(model, config)
     if method == "osft":
         plans = plan_on_rank0(model, targets, batches[:importance_steps], parent_record, config)
-        names = [name for name, plan in plans.items() if not plan.spent and plan.k > 0]
-        bases = spread_svd(targets, names, device)
     else:
         plans = {name: MatrixPlan(m=min(module.weight.shape), k=0, protected_ratio=0.0, importance=None,
                                   spent=False) for name, module in targets.items()}
-        bases = {}
     extra_names = set(mark_trainable(model, targets, plans, config))
     shard_model(model, mesh, bf16_params=bf16 and device.type == "cuda")
     extras = [p for name, p in model.named_parameters() if name in extra_names]
-    constraint = ShardedSubspaceConstraint(targets, plans, bases, extras)
+    projectors = build_projectors(targets, plans, device, shard_right_bases)
+    constraint = ShardedSubspaceConstraint(targets, plans, projectors, extras)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     local_batches = [split_batch(batch, rank, world, device) for batch in batches]
@@ -200,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="default: all batches are one epoch")
     parser.add_argument("--method", choices=["osft", "full"], default="osft")
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (master weights stay fp32)")
+    parser.add_argument("--shard-right-bases", action="store_true",
+                        help="keep 1/N of each right-side basis per rank, gathered per matrix (large models)")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -208,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     batches = torch.load(args.batches)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     result, constraint = train_sharded(model, batches, mesh, args.learning_rate,
-                                       args.steps_per_epoch or len(batches), method=args.method, bf16=args.bf16)
+                                       args.steps_per_epoch or len(batches), method=args.method, bf16=args.bf16,
+                                       shard_right_bases=args.shard_right_bases)
     state_dict = gather_state_dict(model)
     if dist.get_rank() == 0:
         args.out_dir.mkdir(parents=True, exist_ok=True)
