@@ -1,22 +1,27 @@
 """Forgetting on a stream of tasks: the SVD-constrained method against plain sequential fine-tuning.
 
-SmolLM2-135M learns T procedurally generated tasks one after another. Every task has the same
-format and the same inputs with task-specific, conflicting answers ("[task 3] code for ruby?" ->
-"kilo"), so plain sequential fine-tuning overwrites earlier tasks; the base model scores 0 on all.
+SmolLM2-135M learns T procedurally generated tasks one after another. Each task has its own
+question format and its own keys, with invented answers the base model cannot know (it scores 0):
+"What is the Zorblish word for river?" -> "vantu", "Which vault holds the ledger of Ortan?" -> "vault
+47", ... Later tasks share nothing with earlier ones but the chat format, so what a method forgets
+is forgotten through interference, not because a later task rewrote the same function.
 After each task every task is scored by exact match (teacher-forced greedy: every answer token,
 end-of-turn included, is the argmax given the right prefix, which is exactly what greedy decoding
 would emit). That fills the accuracy matrix R[t][i]; AA is the mean of the last row, BWT the mean
 over i < T of R[T][i] - R[i][i]. Methods run with equal steps, each at its own learning rate; the
-constrained method goes through the real registry path (Redis + object store, bases stored per
-version). Writes bench/results/bench_forgetting.json and one heatmap PNG per method.
+constrained variants go through the real registry path (Redis + object store, bases and task memory
+stored per version). Methods: osft (the default: adaptive ratios + task memory), osft-nomemory (the
+paper's rule alone), osft-uniform (task memory, uniform ratios), full, peft-osf.
+Writes bench/results/<name>.json (after every method) and one heatmap PNG per method.
 
-    .venv/bin/python bench/bench_forgetting.py [--tasks 4] [--keys 24] [--epochs 8]
-        [--methods osft,osft-uniform,full] [--lr osft=3e-4,osft-uniform=3e-4,full=1e-4]
+    .venv/bin/python bench/bench_forgetting.py [--tasks 4] [--keys 16] [--epochs 8]
+        [--methods full,osft,osft-nomemory,osft-uniform] [--lr osft=6e-4,full=2e-4]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -26,22 +31,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, TARGETS, base_model_dir, load_model, write_result  # noqa: E402
 
-KEYS = ("ruby jade onyx opal pearl amber coral ivory topaz agate beryl flint slate chalk cobalt "
-        "copper silver bronze nickel zinc iron tin lead gold").split()
-ANSWERS = "alpha bravo delta echo golf hotel india kilo lima mike oscar papa romeo sierra tango".split()
-DEFAULT_LR = {"osft": 3e-4, "osft-uniform": 3e-4, "full": 1e-4, "peft-osf": 3e-4}
+SYLLABLES = "ka lo mi ru ten vash or ul pre zan fi go".split()
+# One format and one set of keys per task; the answers are invented per (task, key).
+TASK_FORMATS = [
+    ("What is the Zorblish word for {}?", "river stone cloud apple bread candle mirror ladder "
+     "basket feather hammer lantern needle pillow saddle thimble".split(), lambda r: _word(r)),
+    ("Which vault holds the ledger of {}?", "Ortan Belim Casro Dunel Efri Galt Hovis Ilmar Jorun "
+     "Kesh Lomar Mirel Nolt Ostra Pell Quill".split(), lambda r: f"vault {r.randint(10, 99)}"),
+    ("Name the capital of the planet {}.", "Xeriph Vuldor Quarn Zentar Mobrin Tethys-9 Kalvos Rhune "
+     "Ibrix Nadrel Sorvin Pexar Ulmor Wyrrin Yavos Drelk".split(), lambda r: _word(r).capitalize() + " City"),
+    ("Decode the glyph sequence {}.", "#-@ @@# %-% &#@ *-* #%& @-& %%# &&- *#@ -@% #*# @%- &*% %#* -&#".split(),
+     lambda r: f"{r.choice(['red', 'blue', 'gold', 'grey'])}-{r.randint(1, 9)}"),
+    ("Which guild does the craftsman {} belong to?", "Abel Bryn Cato Dara Evo Finn Gale Hale Ivo "
+     "Jace Kai Lior Milo Nash Odo Pike".split(), lambda r: f"the {_word(r)} guild"),
+    ("What is the launch code of silo {}?", [f"S{n}" for n in range(11, 27)],
+     lambda r: "-".join(str(r.randint(0, 9)) for _ in range(3))),
+]
+DEFAULT_LR = {"osft": 6e-4, "osft-nomemory": 6e-4, "osft-uniform": 6e-4, "full": 2e-4, "peft-osf": 3e-4}
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(2))
 
 
 def make_tasks(count: int, keys: int, seed: int) -> list[list[list[dict]]]:
-    """Task t maps the same keys to its own random answers: conflicting, same format."""
+    """Task t: its own question format over its own keys, each mapped to an invented answer."""
+    if count > len(TASK_FORMATS):
+        raise SystemExit(f"at most {len(TASK_FORMATS)} tasks")
     rng = random.Random(seed)
     tasks = []
-    for t in range(count):
-        examples = []
-        for key in KEYS[:keys]:
-            examples.append([{"role": "user", "content": f"[task {t + 1}] code for {key}?"},
-                             {"role": "assistant", "content": rng.choice(ANSWERS)}])
-        tasks.append(examples)
+    for template, task_keys, answer in TASK_FORMATS[:count]:
+        tasks.append([[{"role": "user", "content": template.format(key)},
+                       {"role": "assistant", "content": answer(rng)}] for key in task_keys[:keys]])
     return tasks
 
 
@@ -83,11 +104,13 @@ class Learner:
         from worker.osft import build_constraint, record_version
 
         hp = Hyperparameters(method="full" if self.method == "full" else "osft",
-                             adaptive_ranks=self.method != "osft-uniform")
+                             adaptive_ranks=self.method != "osft-uniform",
+                             task_memory=self.method != "osft-nomemory", memory_energy=self.args.memory_energy)
         constraint = build_constraint(self.model, hp, self.version, self.registry, batches[:4])
         result = train(self.model, batches, constraint, lr, steps_per_epoch, bf16_autocast=self.args.bf16)
         version = f"{self.method}-v{task_index + 1}"
-        record_version(self.registry, self.model, version, self.version, f"task-{task_index + 1}", constraint)
+        record_version(self.registry, self.model, version, self.version, f"task-{task_index + 1}", constraint,
+                       memory_batches=batches[:steps_per_epoch])
         self.version = version
         report = constraint.report()
         self.reports.append({key: value for key, value in report.items() if key != "matrices"})
@@ -173,10 +196,11 @@ def parse_lr(text: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--keys", type=int, default=24, help="examples per task (at most 24)")
+    parser.add_argument("--keys", type=int, default=16, help="examples per task (at most 16)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--methods", default="osft,osft-uniform,full")
+    parser.add_argument("--methods", default="full,osft,osft-nomemory,osft-uniform")
+    parser.add_argument("--memory-energy", type=float, default=None, help="task memory energy (default: OSFTConfig's)")
     parser.add_argument("--lr", type=parse_lr, default={}, help="per-method learning rates, e.g. osft=3e-4,full=1e-4")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slow on CPUs without AVX-512 BF16)")
     parser.add_argument("--seed", type=int, default=0)
@@ -196,6 +220,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tasks = make_tasks(args.tasks, args.keys, args.seed)
     results = {}
+    config = {key: value for key, value in vars(args).items() if key != "lr"}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = redis_server.start_redis(Path(tmp) / "redis")
         try:
@@ -206,11 +231,11 @@ def main() -> None:
                 results[method] = run_method(method, tasks, registry, args)
                 results[method]["wall_s"] = round(time.monotonic() - started)
                 results[method]["heatmap"] = str(heatmap(method, results[method]["R"]).relative_to(RESULTS.parent.parent))
+                write_result(args.name, {"model": "SmolLM2-135M-Instruct", "config": config,
+                                         "steps_per_task": -(-args.keys // args.batch) * args.epochs,
+                                         "load_average": os.getloadavg(), "methods": results})
         finally:
             redis_server.stop(proc)
-    config = {key: value for key, value in vars(args).items() if key != "lr"}
-    write_result(args.name, {"model": "SmolLM2-135M-Instruct", "config": config,
-                             "steps_per_task": -(-args.keys // args.batch) * args.epochs, "methods": results})
 
 
 if __name__ == "__main__":

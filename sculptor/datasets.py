@@ -77,6 +77,8 @@ class Hyperparameters(BaseModel):
     min_protected_ratio: float | None = Field(None, ge=0, le=0.999)
     max_protected_ratio: float | None = Field(None, ge=0, le=0.999)
     adaptive_ranks: bool | None = None
+    task_memory: bool | None = None  # also protect the input directions of earlier tasks
+    memory_energy: float | None = Field(None, ge=0, le=1)
     # Gate thresholds for this task (see worker/gates); None: the settings' defaults.
     gate_thresholds: dict[str, float] | None = None
 

@@ -23,6 +23,7 @@ from worker.training import data as training_data
 from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
 
 log = logging.getLogger("sculptor.worker")
+MEMORY_BATCHES = 32  # batches of the task's data that measure its input directions (one epoch, capped)
 
 
 @dataclass
@@ -98,7 +99,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     version = ctx.versions.next_name()
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)
     ctx.redis.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
-    subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint)
+    subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint,
+                                   memory_batches=batches[:min(steps_per_epoch, MEMORY_BATCHES)])
     training = {"steps": result.steps, "final_loss": result.final_loss, "examples": len(tokenized),
                 "truncated_examples": truncated, "max_seq_len": max_len, "mean_step_s": round(result.mean_step_s, 4),
                 "method": hp.method, "constraint": constraint.report(), "subspace": subspace}

@@ -5,7 +5,8 @@ The worker calls two functions around `worker.training.loop.train`:
     registry = SubspaceRegistry(redis_client, object_store)      # redis.Redis(decode_responses=True)
     constraint = build_constraint(model, hyperparameters, parent_version, registry, importance_batches)
     train(model, batches, constraint, ...)
-    record = record_version(registry, model, candidate_version, parent_version, task_id, constraint)
+    record = record_version(registry, model, candidate_version, parent_version, task_id, constraint,
+                            memory_batches=one_epoch_of_batches)
     job_report["method"] = constraint.report()
 
 `build_constraint` handles both methods of `Hyperparameters.method`: "osft" (this method) and "full"
@@ -18,8 +19,8 @@ kept (promoted); a rejected candidate needs no record. `constraint.report()` is 
 method, registry_hit, svd_s / load_s, protected_fraction, spent_matrices and per-matrix m / k.
 
 Modules: config (OSFTConfig), subspace (targets, SVD, rank rule), importance (layer scores),
-projector (the per-matrix projection), constraint (SubspaceConstraint), full (FullFineTuning),
-registry (SubspaceRegistry).
+projector (the per-matrix projection), memory (task memory: earlier tasks' input directions),
+constraint (SubspaceConstraint), full (FullFineTuning), registry (SubspaceRegistry).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from worker.osft.config import OSFTConfig
 from worker.osft.constraint import SubspaceConstraint, plan_matrices
 from worker.osft.full import FullFineTuning
 from worker.osft.importance import layer_importance
+from worker.osft.memory import grow_memory, input_covariances
 from worker.osft.registry import SubspaceRegistry
 from worker.osft.subspace import Bases, compute_bases, target_modules
 
@@ -102,11 +104,14 @@ def record_version(
     parent_version: str,
     task_id: str,
     constraint: SubspaceConstraint | FullFineTuning,
+    memory_batches: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict:
     """Store `version`'s record and bases (SVD of the trained weights) for the next job; returns the record.
 
     After "osft" each matrix keeps the rank it protected as the floor for later jobs; after "full"
     nothing was protected, so the floors restart at zero (the task count still grows protection).
+    With `memory_batches` (the task's training data) and task memory on, the parent's memory grows
+    by this task's input directions; after "full" the memory restarts from this task.
     """
     targets = constraint.targets
     if isinstance(constraint, SubspaceConstraint):
@@ -118,9 +123,21 @@ def record_version(
     started = time.monotonic()
     bases = {name: compute_bases(targets[name].weight) for name in targets if not matrices[name]["spent"]}
     svd_s = time.monotonic() - started
+    if memory_batches and constraint.config.task_memory:
+        _grow_memories(model, targets, bases, getattr(constraint, "memory", {}), memory_batches, constraint.config)
+        for name, b in bases.items():
+            matrices[name]["memory_rank"] = b.memory.shape[1]
     uri = registry.store_bases(version, bases)
     record = {"version": version, "parent_version": parent_version,
               "tasks": [*constraint.parent_tasks, task_id], "bases_uri": uri,
               "matrices": matrices, "svd_s": round(svd_s, 3)}
     registry.put(record)
     return record
+
+
+def _grow_memories(model, targets, bases: dict[str, Bases], parent_memory: dict, batches, config: OSFTConfig) -> None:
+    """Attach to each matrix's bases the parent's task memory grown by this task's inputs."""
+    covariances = input_covariances(model, {name: targets[name] for name in bases}, batches)
+    for name, b in bases.items():
+        b.memory = grow_memory(parent_memory.get(name), covariances[name], config.memory_energy,
+                               config.max_memory_ratio)

@@ -24,12 +24,18 @@ class OSFTConfig:
     remainder_decay: float = 0.85
     # A matrix whose trainable remainder m - k is below max(1, this fraction of m) is spent: frozen.
     min_trainable_ratio: float = 0.02
+    # Task memory (worker/osft/memory.py): also keep updates off the input directions of earlier tasks.
+    task_memory: bool = True
+    memory_energy: float = 0.97  # share of each task's input energy its memory must cover
+    max_memory_ratio: float = 0.5  # at most this fraction of a matrix's input dimension is memory
 
     def __post_init__(self) -> None:
         if not self.min_protected_ratio <= self.mean_protected_ratio <= self.max_protected_ratio:
             raise ValueError("protected ratios need min <= mean <= max")
         if not 0 < self.remainder_decay <= 1:
             raise ValueError("remainder_decay must be in (0, 1]")
+        if not (0 <= self.memory_energy <= 1 and 0 <= self.max_memory_ratio <= 1):
+            raise ValueError("memory_energy and max_memory_ratio must be in [0, 1]")
         re.compile(self.target_pattern)
 
     @classmethod
@@ -40,5 +46,7 @@ class OSFTConfig:
         low = hp.min_protected_ratio if hp.min_protected_ratio is not None else min(cls.min_protected_ratio, mean)
         high = hp.max_protected_ratio if hp.max_protected_ratio is not None else max(cls.max_protected_ratio, mean)
         adaptive = hp.adaptive_ranks if hp.adaptive_ranks is not None else cls.adaptive_ranks
+        memory = hp.task_memory if hp.task_memory is not None else cls.task_memory
+        energy = hp.memory_energy if hp.memory_energy is not None else cls.memory_energy
         return cls(mean_protected_ratio=mean, min_protected_ratio=low, max_protected_ratio=high,
-                   adaptive_ranks=adaptive)
+                   adaptive_ranks=adaptive, task_memory=memory, memory_energy=energy)

@@ -23,6 +23,7 @@ class MatrixPlan:
     protected_ratio: float      # k / m actually protected
     importance: float | None    # the layer score that set the ratio (None: uniform or no score)
     spent: bool                 # no capacity left: frozen
+    memory_rank: int = 0        # input directions of earlier tasks protected beyond V_k (memory.py)
 
 
 def plan_matrices(
@@ -68,6 +69,7 @@ class SubspaceConstraint:
         self.registry_hit = registry_hit
         self.targets = targets
         self.projectors: dict[str, Projector] = {}
+        self.memory: dict[str, torch.Tensor | None] = {}  # the parent's task memory, grown after training
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self._trainable: list[torch.nn.Parameter] = []
@@ -76,7 +78,10 @@ class SubspaceConstraint:
             if plan.spent:
                 continue
             if plan.k > 0:
-                self.projectors[name] = Projector(module.weight, bases[name], plan.k)
+                memory = bases[name].memory if config.task_memory else None
+                self.projectors[name] = Projector(module.weight, bases[name], plan.k, memory)
+                plan.memory_rank = self.projectors[name].memory_rank
+                self.memory[name] = memory
             module.weight.requires_grad_(True)
             self._trainable.append(module.weight)
         self._trainable += unfreeze_extras(model, config)
@@ -97,6 +102,7 @@ class SubspaceConstraint:
             "registry_hit": self.registry_hit,
             **{key: round(value, 3) for key, value in self.timings.items()},
             "adaptive_ranks": self.config.adaptive_ranks,
+            "task_memory": self.config.task_memory,
             "tasks_absorbed": len(self.parent_tasks),
             "protected_fraction": round(sum(plan.k for plan in self.plans.values()) / total_m, 4),
             "trainable_matrices": len(self.plans) - len(spent),

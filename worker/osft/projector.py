@@ -25,17 +25,30 @@ from __future__ import annotations
 
 import torch
 
+from worker.osft.memory import orthonormal_union
 from worker.osft.subspace import Bases
 
 
 class Side:
-    """One side's projector I − P, stored as the protected basis or as its complement Q (I − P = QQᵀ)."""
+    """One side's projector I − P, stored as the protected basis B (I − P = I − BBᵀ) or as its
+    complement Q (I − P = QQᵀ), whichever has fewer columns."""
 
-    def __init__(self, singular_vectors: torch.Tensor, k: int, complement_exists: bool):
-        m = singular_vectors.shape[1]
-        self.complement = complement_exists and m - k < k
-        columns = singular_vectors[:, k:] if self.complement else singular_vectors[:, :k]
-        self.basis = columns.contiguous().clone()
+    def __init__(self, protected: torch.Tensor, complement: torch.Tensor | None):
+        self.complement = complement is not None and complement.shape[1] < protected.shape[1]
+        self.basis = (complement if self.complement else protected).contiguous().clone()
+
+    @classmethod
+    def from_svd(cls, singular_vectors: torch.Tensor, k: int, complement_exists: bool,
+                 memory: torch.Tensor | None = None) -> Side:
+        """Protect the top-k singular vectors, plus the span of `memory` (see worker/osft/memory.py)."""
+        protected = singular_vectors[:, :k]
+        complement = singular_vectors[:, k:] if complement_exists else None
+        if memory is None or memory.shape[1] == 0:
+            return cls(protected, complement)
+        extra = orthonormal_union(protected, memory)[:, k:]
+        if complement is not None:  # extra ⊥ the top k, so it lies inside the complement's span
+            complement = _remove_span(complement, extra)
+        return cls(torch.cat([protected, extra], dim=1), complement)
 
     def from_left(self, x: torch.Tensor) -> torch.Tensor:
         """(I − P) x"""
@@ -49,22 +62,34 @@ class Side:
             return (x @ self.basis) @ self.basis.T
         return x - (x @ self.basis) @ self.basis.T
 
+    def protected_rank(self, dim: int) -> int:
+        return dim - self.basis.shape[1] if self.complement else self.basis.shape[1]
+
     def numel(self) -> int:
         return self.basis.numel()
 
 
-class Projector:
-    """The constraint for one weight (out × in) with protected rank k, 0 < k < m."""
+def _remove_span(complement: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the part of span(complement) orthogonal to `inside` (⊂ that span)."""
+    coefficients = complement.T @ inside
+    left, _, _ = torch.linalg.svd(coefficients, full_matrices=True)
+    return complement @ left[:, inside.shape[1]:]
 
-    def __init__(self, weight: torch.Tensor, bases: Bases, k: int):
+
+class Projector:
+    """The constraint for one weight (out × in) with protected rank k, 0 < k < m, and on the input
+    side also the task memory's directions (worker/osft/memory.py)."""
+
+    def __init__(self, weight: torch.Tensor, bases: Bases, k: int, memory: torch.Tensor | None = None):
         if weight.dtype != torch.float32:
             raise ValueError(f"the constraint needs fp32 master weights, got {weight.dtype}")
         out_features, in_features = weight.shape
         m = bases.S.numel()
         self.k = k
         self.anchor = weight.detach().clone()
-        self.left = Side(bases.U, k, complement_exists=out_features == m)
-        self.right = Side(bases.Vh.T, k, complement_exists=in_features == m)
+        self.left = Side.from_svd(bases.U, k, complement_exists=out_features == m)
+        self.right = Side.from_svd(bases.Vh.T, k, complement_exists=in_features == m, memory=memory)
+        self.memory_rank = self.right.protected_rank(in_features) - k
 
     @torch.no_grad()
     def project_(self, weight: torch.Tensor) -> None:

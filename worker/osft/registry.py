@@ -10,7 +10,7 @@ Redis holds one JSON record per version under `sculptor:registry:version:<versio
 `k` is the rank protected when this version was trained: the floor for every later job.
 The object store holds the bases: one safetensors file per version with the reduced SVD
 (`<name>.U`, `<name>.S`, `<name>.Vh`, fp32) of every matrix that can still train, enough for any
-later k. A worker loads them instead of running an SVD and recomputes them when they are missing.
+later k, and its task memory (`<name>.memory`, in × r; worker/osft/memory.py). A worker loads them instead of running an SVD and recomputes them when they are missing.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class SubspaceRegistry:
         tensors = {}
         for name, b in bases.items():
             tensors.update({f"{name}.U": b.U, f"{name}.S": b.S, f"{name}.Vh": b.Vh})
+            if b.memory is not None:
+                tensors[f"{name}.memory"] = b.memory.contiguous()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bases.safetensors"
             save_file(tensors, str(path))
@@ -81,8 +83,9 @@ class SubspaceRegistry:
                 available = set(f.keys())
                 if any(f"{name}.U" not in available for name in names):
                     return None
-                return {name: Bases(f.get_tensor(f"{name}.U"), f.get_tensor(f"{name}.S"),
-                                    f.get_tensor(f"{name}.Vh")) for name in names}
+                return {name: Bases(f.get_tensor(f"{name}.U"), f.get_tensor(f"{name}.S"), f.get_tensor(f"{name}.Vh"),
+                                    f.get_tensor(f"{name}.memory") if f"{name}.memory" in available else None)
+                        for name in names}
 
     def summary(self, version: str) -> dict | None:
         """Capacity for the API: protected fraction (Σk / Σm) per decoder layer and overall."""

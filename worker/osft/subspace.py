@@ -24,6 +24,7 @@ class Bases:
     U: torch.Tensor   # out × m
     S: torch.Tensor   # m
     Vh: torch.Tensor  # m × in
+    memory: torch.Tensor | None = None  # in × r: inputs of the tasks learned so far (worker/osft/memory.py)
 
 
 def target_modules(model: torch.nn.Module, config: OSFTConfig) -> dict[str, torch.nn.Linear]:
