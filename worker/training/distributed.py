@@ -147,12 +147,14 @@ def train_sharded(
     importance_steps: int = 4,
     bf16: bool = False,
     shard_right_bases: bool = False,
+    activation_checkpointing: bool = False,
 ) -> tuple[TrainResult, ShardedSubspaceConstraint]:
     """Plan, shard and train `model` (full, fp32, the same on every rank) on the global `batches`.
 
     Returns the loop's result (losses are the global batch's mean token loss) and the constraint.
     method "full" trains the same matrices without projection (the baseline of `worker.osft.full`).
     `shard_right_bases`: keep 1/N of each right-side basis per rank and gather it per matrix (large models).
+    `activation_checkpointing`: keep only each decoder layer's input and recompute the rest in backward.
     """
     config = config or OSFTConfig()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
@@ -164,6 +166,8 @@ def train_sharded(
         plans = {name: MatrixPlan(m=min(module.weight.shape), k=0, protected_ratio=0.0, importance=None,
                                   spent=False) for name, module in targets.items()}
     extra_names = set(mark_trainable(model, targets, plans, config))
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_model(model, mesh, bf16_params=bf16 and device.type == "cuda")
     extras = [p for name, p in model.named_parameters() if name in extra_names]
     projectors = build_projectors(targets, plans, device, shard_right_bases)
@@ -215,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (master weights stay fp32)")
     parser.add_argument("--shard-right-bases", action="store_true",
                         help="keep 1/N of each right-side basis per rank, gathered per matrix (large models)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each decoder layer in backward (needed for long sequences, large models)")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     result, constraint = train_sharded(model, batches, mesh, args.learning_rate,
                                        args.steps_per_epoch or len(batches), method=args.method, bf16=args.bf16,
-                                       shard_right_bases=args.shard_right_bases)
+                                       shard_right_bases=args.shard_right_bases,
+                                       activation_checkpointing=args.activation_checkpointing)
     state_dict = gather_state_dict(model)
     if dist.get_rank() == 0:
         args.out_dir.mkdir(parents=True, exist_ok=True)
