@@ -6,11 +6,16 @@ Phase B ("gateway"): `python -m deploy.run` (Redis, worker, gateway with its in-
 under the same load, while three promotions (perturbed copies of v0, published before the window)
 are made at ~15/30/45 s through `VersionStore.promote`, the worker's own promotion path.
 
-Writes the report to stdout and bench/results/bench_serving.json; logs go to bench/results/.
+`--replicas N` puts N engine replicas behind the gateway (rolling swaps, one replica at a time).
+The candidates are announced on the candidates channel before the window, as the worker does when it
+saves one (gateways prefetch them while they are gated); the promotions come later.
+
+Writes the report to stdout and bench/results/bench_serving[_rN].json; logs go to bench/results/.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -170,6 +175,15 @@ def publish_perturbed(settings, v0_dir: Path, tmp: Path) -> dict[str, str]:
     return uris
 
 
+def announce_candidates(redis_url: str, versions: list[str]) -> None:
+    """What the worker publishes when it saves a candidate (worker/pipeline.py): gateways prefetch it."""
+    from sculptor.records import CANDIDATES_CHANNEL, connect
+
+    client = connect(redis_url)
+    for version in versions:
+        client.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
+
+
 async def promote_on_schedule(redis_url: str, uris: dict[str, str], t0: float, promoted: dict) -> None:
     from sculptor.records import ModelVersion, VersionStore, connect
 
@@ -183,14 +197,15 @@ async def promote_on_schedule(redis_url: str, uris: dict[str, str], t0: float, p
         parent = name
 
 
-async def phase_gateway(v0_dir: Path, tmp: Path) -> dict:
+async def phase_gateway(v0_dir: Path, tmp: Path, replicas: int) -> dict:
     from sculptor.config import Settings
 
     var, port, redis_port = tmp / "var", free_port(), free_port()
     env = dict(os.environ, **COMMON_ENV, SCULPTOR_VAR_DIR=str(var), SCULPTOR_PORT=str(port),
                SCULPTOR_EMBEDDED_REDIS_PORT=str(redis_port), SCULPTOR_BASE_MODEL_DIR=str(v0_dir),
                SCULPTOR_ENGINE="vllm", SCULPTOR_ENGINE_MAX_MODEL_LEN="2048",
-               SCULPTOR_ENGINE_MAX_NUM_SEQS=str(CLIENTS), SCULPTOR_HOST="127.0.0.1")
+               SCULPTOR_ENGINE_MAX_NUM_SEQS=str(CLIENTS), SCULPTOR_HOST="127.0.0.1",
+               SCULPTOR_ENGINE_REPLICAS=str(replicas))
     for key in ("REDIS_URL", "SCULPTOR_OBJECT_STORE_URL", "SCULPTOR_API_KEYS"):
         env.pop(key, None)
     settings = Settings(var_dir=var, object_store_url="", redis_url="")
@@ -201,11 +216,13 @@ async def phase_gateway(v0_dir: Path, tmp: Path) -> dict:
     started = time.monotonic()
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc, START_TIMEOUT_S, "the Sculptor stack")
-        log(f"gateway: ready in {time.monotonic() - started:.0f}s")
+        log(f"gateway: ready in {time.monotonic() - started:.0f}s ({replicas} engine replicas)")
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        announce_candidates(redis_url, list(uris))
         cfg = sc.LoadConfig(f"http://127.0.0.1:{port}", "current", CLIENTS, DURATION_S, MAX_TOKENS, TEMPERATURE)
         promoted: dict[str, float] = {}
         result = await measure(cfg, "gateway",
-                               lambda t0: promote_on_schedule(f"redis://127.0.0.1:{redis_port}/0", uris, t0, promoted))
+                               lambda t0: promote_on_schedule(redis_url, uris, t0, promoted))
         result["promoted"] = promoted
         result["lineage"] = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10).json()
         return result
@@ -218,9 +235,11 @@ async def phase_gateway(v0_dir: Path, tmp: Path) -> dict:
 
 
 def gateway_swap_log(text: str) -> list[dict]:
-    """The gateway's own account of each swap ("now serving vN (fetch Xs, stall Ys)")."""
-    pattern = re.compile(r"now serving (v\d+) \(fetch ([\d.]+)s, stall ([\d.]+)s\)")
-    return [{"version": v, "fetch_s": float(f), "stall_s": float(s)} for v, f, s in pattern.findall(text)]
+    """The gateway's own account of each swap ("now serving vN (fetch Xs, stall Ys, lock wait ...)")."""
+    pattern = re.compile(r"now serving (v\d+) \(fetch ([\d.]+)s, stall ([\d.]+)s, lock wait ([\d.]+)s, "
+                         r"drain ([\d.]+)s, reload ([\d.]+)s")
+    keys = ("fetch_s", "stall_s", "lock_wait_s", "drain_s", "reload_s")
+    return [{"version": v, **dict(zip(keys, map(float, rest)))} for v, *rest in pattern.findall(text)]
 
 
 # ---------------------------------------------------------------- swap analysis
@@ -304,11 +323,12 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def report(direct: dict, gateway: dict) -> dict:
+def report(direct: dict, gateway: dict, replicas: int) -> dict:
     swaps = swaps_report(gateway)
     d, g = direct["summary"], gateway["summary"]
     return {
-        "setup": {"model": "SmolLM2-135M-Instruct (bf16)", "clients": CLIENTS, "duration_s": DURATION_S,
+        "setup": {"model": "SmolLM2-135M-Instruct (bf16)", "engine_replicas": replicas, "clients": CLIENTS,
+                  "duration_s": DURATION_S,
                   "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "max_num_seqs": CLIENTS,
                   "kv_cache_gib": COMMON_ENV["VLLM_CPU_KVCACHE_SPACE"], "cpus": os.cpu_count(),
                   "swaps_at_s": list(SWAP_AT_S), "when": time.strftime("%Y-%m-%d %H:%M:%S")},
@@ -328,7 +348,13 @@ def report(direct: dict, gateway: dict) -> dict:
     }
 
 
-async def main() -> int:
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", type=int, default=1, help="engine replicas behind the gateway (default 1)")
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> int:
     from sculptor.default_model import ensure_base_model
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -336,16 +362,17 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sculptor-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
         direct = await phase_direct(v0_dir, tmp)
-        gateway = await phase_gateway(v0_dir, tmp)
-    out = report(direct, gateway)
+        gateway = await phase_gateway(v0_dir, tmp, args.replicas)
+    out = report(direct, gateway, args.replicas)
+    suffix = "" if args.replicas == 1 else f"_r{args.replicas}"
     text = json.dumps(out, indent=2)
-    (RESULTS / "bench_serving.json").write_text(text + "\n")
+    (RESULTS / f"bench_serving{suffix}.json").write_text(text + "\n")
     raw = {"direct": sc.dump(direct["requests"], direct["t0"]), "gateway": sc.dump(gateway["requests"], gateway["t0"]),
            "promoted_at_s": {v: round(t - gateway["t0"], 3) for v, t in gateway["promoted"].items()}}
-    (RESULTS / "bench_serving_requests.json").write_text(json.dumps(raw) + "\n")
+    (RESULTS / f"bench_serving{suffix}_requests.json").write_text(json.dumps(raw) + "\n")
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(main(parse_args())))

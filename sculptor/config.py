@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     engine_replicas: int = Field(1, ge=1)
     engine_tensor_parallel_size: int = Field(1, ge=1)  # GPUs per replica (vLLM tensor parallelism)
     engine_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM's share of each GPU's memory
+    swap_lock_wait_s: float = 300.0  # how long a gateway waits for another gateway's swap before swapping anyway
     max_tokens_cap: int = 1024
 
     # Access: no keys means an open gateway, which then binds to loopback only.

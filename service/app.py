@@ -27,6 +27,11 @@ from worker.recovery import recover_orphans
 log = logging.getLogger("sculptor.gateway")
 
 
+def make_engines(settings: Settings) -> list[Engine]:
+    """`engine_replicas` engines, each its own vLLM instance (and engine-core process)."""
+    return [make_engine(settings) for _ in range(settings.engine_replicas)]
+
+
 def make_engine(settings: Settings) -> Engine:
     kind = settings.engine
     if kind == "auto":
@@ -40,10 +45,20 @@ def make_engine(settings: Settings) -> Engine:
         from service.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(settings.engine_dtype, settings.engine_max_model_len, settings.engine_max_num_seqs,
-                          settings.engine_enforce_eager, settings.engine_kv_cache_gib, settings.swap_pause_mode)
+                          settings.engine_enforce_eager, settings.engine_kv_cache_gib, settings.swap_pause_mode,
+                          _tensor_parallel_size(settings), settings.engine_gpu_memory_utilization)
     from service.engines.hf_engine import TransformersEngine
 
     return TransformersEngine(settings.engine_dtype, settings.engine_max_model_len)
+
+
+def _tensor_parallel_size(settings: Settings) -> int:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and settings.engine_tensor_parallel_size > 1:
+        log.warning("tensor parallelism needs GPUs: this CPU engine runs with tensor_parallel_size=1")
+        return 1
+    return settings.engine_tensor_parallel_size
 
 
 async def recover_jobs(ctx: Context) -> None:
@@ -59,12 +74,12 @@ async def recover_jobs(ctx: Context) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     ctx: Context = app.state.ctx
-    serving = ServingModel(ctx, make_engine(ctx.settings))
+    serving = ServingModel(ctx, make_engines(ctx.settings))
     app.state.serving = serving
     version = ctx.versions.current()
     if version is None:
         raise RuntimeError("no model version is registered: start Sculptor with `make run` (it registers v0)")
-    log.info("loading %s into the %s engine", version, serving.engine.name)
+    log.info("loading %s into %d %s engine(s)", version, len(serving.pool), serving.engine.name)
     await serving.start(version)
     background = [asyncio.create_task(serving.follow_promotions()), asyncio.create_task(recover_jobs(ctx))]
     try:
@@ -72,7 +87,7 @@ async def lifespan(app: FastAPI):
     finally:
         for task in background:
             task.cancel()
-        await serving.engine.shutdown()
+        await serving.shutdown()
 
 
 async def record_request(request: Request, call_next):

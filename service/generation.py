@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from service import metrics
 from service.api.errors import ApiError
@@ -37,17 +37,21 @@ async def open_stream(serving: ServingModel, prompt: str | None, messages: list[
         raise ApiError(400, "context_length_exceeded", str(err)) from None
     except EmptyPrompt as err:
         raise ApiError(400, "empty_prompt", str(err)) from None
-    await serving.admitting.wait()  # during a swap, wait for the version that will serve the request
+    replica = await serving.pool.acquire()  # during a swap, waits for a replica that admits requests
     request_id = uuid.uuid4().hex
-    return Stream(serving.version, request_id, _counted(serving.engine.generate(ids, options, request_id)))
+    chunks = replica.engine.generate(ids, options, request_id)
+    return Stream(replica.version, request_id, _counted(chunks, lambda: serving.pool.release(replica)))
 
 
-async def _counted(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    async for chunk in chunks:
-        if chunk.finish_reason:
-            metrics.TOKENS.labels(kind="prompt").inc(chunk.prompt_tokens)
-            metrics.TOKENS.labels(kind="completion").inc(chunk.completion_tokens)
-        yield chunk
+async def _counted(chunks: AsyncIterator[Chunk], release: Callable[[], None]) -> AsyncIterator[Chunk]:
+    try:
+        async for chunk in chunks:
+            if chunk.finish_reason:
+                metrics.TOKENS.labels(kind="prompt").inc(chunk.prompt_tokens)
+                metrics.TOKENS.labels(kind="completion").inc(chunk.completion_tokens)
+            yield chunk
+    finally:  # also when the client goes away mid-stream
+        release()
 
 
 async def collect(stream: Stream) -> tuple[str, Chunk]:

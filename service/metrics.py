@@ -8,9 +8,12 @@ REQUESTS = Counter("sculptor_http_requests_total", "HTTP requests", ["route", "m
 LATENCY = Histogram("sculptor_http_request_seconds", "HTTP request latency", ["route"])
 TOKENS = Counter("sculptor_generated_tokens_total", "Tokens generated", ["kind"])
 SWAPS = Counter("sculptor_swaps_total", "Engine hot-swaps", ["outcome"])
-SWAP_SECONDS = Histogram("sculptor_swap_seconds", "Hot-swap duration (fetch + stall)",
+SWAP_SECONDS = Histogram("sculptor_swap_seconds", "Hot-swap duration (fetch + fleet lock + roll)",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 SERVING = Info("sculptor_serving", "The model version the engine is serving")
+REPLICA_VERSION = Info("sculptor_replica", "The model version each engine replica holds", ["replica"])
+REPLICA_ADMITTED = Gauge("sculptor_replica_admitted", "1 while the replica takes new requests", ["replica"])
+REPLICA_IN_FLIGHT = Gauge("sculptor_replica_in_flight", "Requests in flight on the replica", ["replica"])
 QUEUE_DEPTH = Gauge("sculptor_queue_depth", "Jobs waiting in the training queue")
 JOBS = Gauge("sculptor_jobs", "Jobs by status", ["status"])
 TRAIN_STEP_SECONDS = Gauge("sculptor_train_step_seconds", "Mean training step time of the latest finished job")
@@ -19,6 +22,11 @@ GATE_OUTCOMES = Gauge("sculptor_gate_outcomes", "Gated candidates by outcome", [
 
 def set_serving_version(version: str) -> None:
     SERVING.info({"version": version})
+
+
+def set_replica(index: int, version: str | None, admitted: bool) -> None:
+    REPLICA_VERSION.labels(str(index)).info({"version": version or ""})
+    REPLICA_ADMITTED.labels(str(index)).set(int(admitted))
 
 
 def refresh_job_gauges(ctx) -> None:

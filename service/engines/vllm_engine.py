@@ -18,13 +18,16 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, dtype: str, max_model_len: int, max_num_seqs: int, enforce_eager: bool,
-                 kv_cache_gib: int = 2, pause_mode: str = "keep"):
+                 kv_cache_gib: int = 2, pause_mode: str = "keep", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
         self.kv_cache_gib = kv_cache_gib
         self.pause_mode = pause_mode
+        self.tensor_parallel_size = tensor_parallel_size
+        self.gpu_memory_utilization = gpu_memory_utilization  # ignored by the CPU backend
         self.llm = None
 
     async def start(self, model_dir: Path) -> None:
@@ -37,7 +40,8 @@ class VLLMEngine:
         args = AsyncEngineArgs(
             model=str(model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, enforce_eager=self.enforce_eager, disable_log_stats=True,
-            seed=0,
+            seed=0, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
         )
         self.llm = AsyncLLM.from_engine_args(args)
 

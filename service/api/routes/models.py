@@ -16,9 +16,10 @@ router = APIRouter(tags=["models"])
 @router.get("/models", dependencies=[require("tasks")])
 async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     current = ctx.versions.current()
-    versions = [{**v.model_dump(), "current": v.version == current, "serving": v.version == serving.version}
+    held = serving.pool.versions()  # more than one while a swap rolls through the replicas
+    versions = [{**v.model_dump(), "current": v.version == current, "serving": v.version in held}
                 for v in ctx.versions.all(newest_first=False)]
-    return {"current": current, "serving": serving.version, "versions": versions}
+    return {"current": current, "serving": serving.version, "replicas": serving.status(), "versions": versions}
 
 
 @router.post("/models/{version}/activate", dependencies=[require("admin")])

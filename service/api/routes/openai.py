@@ -63,7 +63,7 @@ class CompletionRequest(_Sampling):
 
 
 def _check_model(serving: ServingModel, name: str) -> None:
-    if name not in ("current", serving.version, serving.ctx.settings.base_model_name):
+    if name not in ("current", serving.version, serving.ctx.settings.base_model_name, *serving.pool.versions()):
         raise ApiError(404, "model_not_found",
                        f"the model {name!r} does not exist: use 'current' or {serving.version!r} (see GET /v1/models)")
 
