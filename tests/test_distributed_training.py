@@ -7,10 +7,12 @@ equals one process training on the same global batches (the existing single-proc
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import Shard, distribute_tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sculptor.datasets import Hyperparameters
 from worker.osft import build_constraint
+from worker.osft.sharded import ShardedProjector
 from worker.osft.subspace import compute_bases
 from worker.training.data import make_batches, tokenize_chat
 from worker.training.distributed import (
@@ -55,10 +57,35 @@ def run_rank(rank: int, world: int, init_file: str, model_dir: str, batches: lis
                                                shard_right_bases=shard_right)
             runs[shard_right] = {"state_dict": gather_state_dict(model), "losses": result.losses,
                                  "report": constraint.report()}
+        errors = projection_errors(mesh)
         if rank == 0:
-            torch.save(runs, out_path)
+            torch.save({"runs": runs, "projection_errors": errors}, out_path)
     finally:
         dist.destroy_process_group()
+
+
+# Odd shapes: uneven row shards (and, for 1 × 4, a rank without rows), and every branch of the projector:
+# complement on the right, on the left, on both sides, on neither (k < m − k).
+ODD_SHAPES = [((7, 5), 3), ((5, 7), 3), ((6, 6), 4), ((8, 3), 1), ((1, 4), 1)]
+
+
+def projection_errors(mesh) -> dict[tuple[int, int], float]:
+    """Max deviation of the sharded projection from (I − U_k U_kᵀ) ΔW (I − V_k V_kᵀ) on full matrices."""
+    errors = {}
+    for shape, k in ODD_SHAPES:
+        generator = torch.Generator().manual_seed(shape[0] * 10 + shape[1])
+        parent = torch.randn(shape, generator=generator)
+        moved = parent + 0.1 * torch.randn(shape, generator=generator)
+        bases = compute_bases(parent)
+        weight = distribute_tensor(parent, mesh, [Shard(0)])
+        projector = ShardedProjector(weight, bases, k, shard_right=shape[0] % 2 == 1)
+        weight.to_local().copy_(distribute_tensor(moved, mesh, [Shard(0)]).to_local())
+        projector.project_(weight)
+        U, Vh = bases.U[:, :k], bases.Vh[:k]
+        delta = moved - parent
+        expected = parent + (delta - U @ (U.T @ delta)) @ (torch.eye(shape[1]) - Vh.T @ Vh)
+        errors[shape] = float((weight.full_tensor() - expected).abs().max())
+    return errors
 
 
 def test_two_processes_keep_the_invariant_and_match_one_process(tiny_model_dir, tmp_path):
@@ -67,7 +94,9 @@ def test_two_processes_keep_the_invariant_and_match_one_process(tiny_model_dir, 
 
     out_path = tmp_path / "rank0.pt"
     mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tiny_model_dir), batches, str(out_path)), nprocs=2)
-    runs = torch.load(out_path)
+    saved = torch.load(out_path)
+    runs = saved["runs"]
+    assert all(error < 1e-5 for error in saved["projection_errors"].values()), saved["projection_errors"]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
