@@ -5,7 +5,8 @@ gradient and of its Adam states, so it also holds rows R_r of ΔW = W − W_pare
 sharded the same way). The projection ΔW ← (I − U_k U_kᵀ) ΔW (I − V_k V_kᵀ) then splits in two:
 
   * the right side, ΔW (I − V_k V_kᵀ), is row-local: each row needs only itself and all of V
-    (in × k, or its complement), so every rank keeps the whole right-side basis;
+    (in × k, or its complement), so every rank keeps the whole right-side basis (or 1/N of its rows,
+    all-gathered just in time: `shard_right`);
   * the left side, (I − U_k U_kᵀ) X, needs U_kᵀ X = Σ_r U_k[R_r]ᵀ X[R_r], a sum over all rows: each
     rank computes its partial sum from its own rows of U, one all-reduce adds them, and each rank
     subtracts U_k[R_r] (U_kᵀ X) from its rows. U is sharded exactly like W.
@@ -13,7 +14,8 @@ sharded the same way). The projection ΔW ← (I − U_k U_kᵀ) ΔW (I − V_k 
 We apply the right side first: where it is stored as a complement Q_V (in × c, c = m − k), X = ΔW Q_V
 has only c columns, so the all-reduce carries a (k or c) × c block instead of (k or c) × in. As in
 `worker.osft.projector`, each side keeps whichever of the protected basis or its complement is smaller.
-No full matrix is ever gathered; the bases are sliced from the full SVD once, before training.
+No full weight is gathered during training; at setup each one is gathered once, for its SVD
+(`worker.training.distributed.build_projectors`), and each rank keeps only its slices of the bases.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Side:
 
 
 class ShardedProjector:
-    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k < m.
+    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k ≤ m.
 
     The right-side basis is needed whole, one matrix at a time. By default every rank keeps it resident;
     with `shard_right` each rank keeps 1/N of its rows and the projection all-gathers it just in time

@@ -55,7 +55,7 @@ def init_distributed(init_method: str = "env://", rank: int | None = None,
 
 
 def split_batch(batch: dict[str, torch.Tensor], rank: int, world: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
+                device: torch.device) -> dict[str, torch.Tensor | float]:
     """This rank's rows of a global batch, with the loss normalised so the ranks together match one process.
 
     Each rank's loss is its summed token loss divided by (global label tokens / world); FSDP averages
@@ -70,7 +70,8 @@ def split_batch(batch: dict[str, torch.Tensor], rank: int, world: int,
     if not len(rows):
         part["labels"] = torch.full_like(part["labels"], IGNORE_INDEX)
     part = {key: value.to(device) for key, value in part.items()}
-    part["num_items_in_batch"] = torch.tensor(max(1, label_tokens) / world, device=device)
+    # A float, not a tensor: FSDP's mixed precision would cast a float tensor argument to bf16.
+    part["num_items_in_batch"] = max(1, label_tokens) / world
     return part
 
 
