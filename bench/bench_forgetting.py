@@ -109,6 +109,10 @@ class Learner:
         constraint = build_constraint(self.model, hp, self.version, self.registry, batches[:4])
         result = train(self.model, batches, constraint, lr, steps_per_epoch, bf16_autocast=self.args.bf16)
         version = f"{self.method}-v{task_index + 1}"
+        if self.method == "full":  # plain fine-tuning reads nothing from the registry: skip the SVD
+            self.version = version
+            self.reports.append(constraint.report())
+            return result.mean_step_s
         record_version(self.registry, self.model, version, self.version, f"task-{task_index + 1}", constraint,
                        memory_batches=batches[:steps_per_epoch])
         self.version = version

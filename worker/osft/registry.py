@@ -95,10 +95,11 @@ class SubspaceRegistry:
         layers: dict[str, list[int]] = {}
         for name, matrix in record["matrices"].items():
             index = layer_index(name)
-            totals = layers.setdefault("other" if index is None else str(index), [0, 0])
+            totals = layers.setdefault("other" if index is None else str(index), [0, 0, 0])
             totals[0] += matrix["k"]
             totals[1] += matrix["m"]
-        protected = sum(k for k, _ in layers.values()) / max(1, sum(m for _, m in layers.values()))
+            totals[2] += matrix.get("memory_rank", 0)
+        protected = sum(k for k, _, _ in layers.values()) / max(1, sum(m for _, m, _ in layers.values()))
         return {
             "version": version,
             "parent_version": record["parent_version"],
@@ -107,9 +108,12 @@ class SubspaceRegistry:
             "protected_fraction": round(protected, 4),
             "remaining_capacity": round(1 - protected, 4),
             "spent_matrices": [name for name, m in record["matrices"].items() if m.get("spent")],
+            # Input directions of the tasks learned so far, protected on top of the top-k (memory.py).
+            "task_memory_directions": sum(memory for _, _, memory in layers.values()),
             "layers": {
-                layer: {"protected_fraction": round(k / m, 4), "remaining_capacity": round(1 - k / m, 4)}
-                for layer, (k, m) in layers.items()
+                layer: {"protected_fraction": round(k / m, 4), "remaining_capacity": round(1 - k / m, 4),
+                        "task_memory_directions": memory}
+                for layer, (k, m, memory) in layers.items()
             },
         }
 
