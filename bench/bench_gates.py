@@ -1,13 +1,20 @@
-"""Benchmark the regression gate on SmolLM2-135M: the candidate's evaluation for a stream of 4 tasks.
+"""Benchmark the regression gate on SmolLM2-135M: the whole gate for a stream of 4 tasks.
 
-Four small synthetic tasks (20 eval items each). The parent is the base model; its scores are
-computed once (as the worker stores them per version) and reused. Two candidates are gated:
-  accepted: the parent fine-tuned briefly on task 4 (sentiment labels 1/0),
-  rejected: the parent with every projection matrix perturbed by strong Gaussian noise.
-Timed: candidate evaluation (4 tasks + the suites at GATE_SIZES) plus decide().
-Prints JSON, writes bench/results/bench_gates.json, and prints both gate reports.
+A stream of four jobs, gated exactly as the worker does it (`worker.gating.score_and_decide`:
+load the parent and the candidate from disk, complete the parent's stored scores, score the
+candidate on every task of its lineage plus the suites, decide):
 
-    .venv/bin/python bench/bench_gates.py [--threads 2] [--train-steps 12]
+  job 1  sentiment   the base model v0 trained a few steps (v0 has no stored scores: scored in full)
+  job 2  uppercase   the current version trained a few steps
+  job 3  capitals    the current version with every projection matrix perturbed by Gaussian noise
+  job 4  sums        the current version trained a few steps
+
+Each candidate that passes becomes the parent of the next job; a rejected one is never a parent.
+Timed: each job's gate (model loading, parent and candidate scoring, decide); training is not.
+Prints JSON and writes bench/results/bench_gates.json and bench_gates.md, with the per-suite
+breakdown (seconds, items, generated tokens), and one accepted and one rejected gate report.
+
+    .venv/bin/python bench/bench_gates.py [--threads 1] [--train-steps 12] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,19 +35,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sculptor.datasets import Example
 from sculptor.default_model import ensure_base_model
-from worker.gates import (
-    GATE_SIZES,
-    EvalConfig,
-    HFGenerator,
-    decide,
-    evaluate,
-    load_suites,
-)
+from worker import gates, gating
 from worker.training.data import make_batches, tokenize_chat
 from worker.training.loop import AllParameters, train
 
-RESULTS = Path(__file__).parent / "results" / "bench_gates.json"
-WORDS = ["apple", "river", "candle", "garden", "window", "silver", "rocket", "pencil", "forest", "castle", "marble", "tiger"]
+RESULTS = Path(__file__).parent / "results"
+BUDGET_S = 300
+SUITE_PARTS = ("refusal", "ifeval", "perplexity")
+WORDS = ["apple", "river", "candle", "garden", "window", "silver", "rocket", "pencil", "forest", "castle", "marble",
+         "tiger", "basket", "bottle", "button", "carpet", "cookie", "dragon", "engine", "finger", "guitar", "hammer",
+         "island", "jacket", "kettle", "ladder", "magnet", "needle", "orange", "pillow", "rabbit", "saddle", "tunnel",
+         "violin", "wallet", "yellow", "zipper", "anchor", "bridge", "cactus"]
 COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
              "Canada": "Ottawa", "Germany": "Berlin", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo"}
 GOOD = ["a wonderful film, I loved every minute", "the food was delicious and the staff were kind",
@@ -52,30 +59,28 @@ def chat(user: str, answer: str) -> Example:
 
 
 def synthetic_tasks(rng: random.Random) -> dict[str, tuple[str, list[Example], list[Example]]]:
-    """{task_id: (metric, train, eval)}; only task 4's train split is used (to make the accepted candidate)."""
+    """{task_id: (metric, train, eval)}, in stream order; 20 eval items each."""
     upper = [chat(f"Write the word '{w}' in capital letters. Reply with the word only.", w.upper()) for w in WORDS]
     sums = [chat(f"What is {a} + {b}? Reply with the number only.", str(a + b))
-            for a, b in ((rng.randint(2, 40), rng.randint(2, 40)) for _ in range(20))]
+            for a, b in ((rng.randint(2, 40), rng.randint(2, 40)) for _ in range(60))]
     capitals = [chat(f"What is the capital of {c}?", city) for c, city in COUNTRIES.items()]
     # Labels "1"/"0" that the prompt does not name: the base model cannot guess the format, it must learn it.
     reviews = [(f"{t} ({k})", "1") for k in range(8) for t in GOOD] + [(f"{t} ({k})", "0") for k in range(8) for t in BAD]
     rng.shuffle(reviews)
-    sentiment = [chat(f"Review: \"{text}\". Label this review.", label)
-                 for text, label in reviews]
+    sentiment = [chat(f"Review: \"{text}\". Label this review.", label) for text, label in reviews]
     return {
-        "uppercase": ("exact_match", [], (upper * 2)[:20]),
-        "sums": ("exact_match", [], sums),
-        "capitals": ("contains", [], capitals * 2),
         "sentiment": ("exact_match", sentiment[20:], sentiment[:20]),
+        "uppercase": ("exact_match", upper[20:], upper[:20]),
+        "capitals": ("contains", capitals, capitals * 2),
+        "sums": ("exact_match", sums[20:], sums[:20]),
     }
 
 
-def fine_tune(model, tokenizer, examples: list[Example], steps: int, lr: float) -> float:
-    started = time.monotonic()
+def fine_tune(model, tokenizer, examples: list[Example], steps: int, lr: float) -> None:
     tokenized = [tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], 128) for e in examples]
     batches = make_batches(tokenized, 8, 10, tokenizer.pad_token_id)[:steps]
+    torch.manual_seed(0)
     train(model, batches, AllParameters(model), lr, steps_per_epoch=len(batches), bf16_autocast=False)
-    return time.monotonic() - started
 
 
 @torch.no_grad()
@@ -86,73 +91,144 @@ def perturb(model, scale: float, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * p.std() * scale)
 
 
-def gate(model, tokenizer, tasks, suites, parent_scores, config: EvalConfig) -> tuple[float, dict]:
-    started = time.monotonic()
-    scores = evaluate(HFGenerator(model, tokenizer), tasks, suites, config=config)
-    report = decide(scores, parent_scores, new_task_id="sentiment")
-    return time.monotonic() - started, {"scores": scores, "report": report}
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def abbreviated(report) -> dict:
-    return {"passed": report.passed, "failed": report.failed,
-            "gates": [{"gate": g.label, "passed": g.passed, "reason": g.reason} for g in report.gates]}
+def compact(report: gates.GateReport) -> list[str]:
+    """One line per gate: mark, label, the gate's own reason."""
+    return [f"{'PASS' if g.passed else 'FAIL'} {g.label}: {g.reason}" for g in report.gates] + [report.summary]
+
+
+def part_totals(jobs: list[dict]) -> dict:
+    """Seconds and work per part ("tasks" sums every task part), over all jobs, parent and candidate."""
+    totals: dict[str, dict] = {}
+    for job in jobs:
+        for side in ("parent", "candidate"):
+            for part, seconds in job[side]["seconds"].items():
+                name = "tasks" if part.startswith("task:") else part
+                row = totals.setdefault(name, {"seconds": 0.0, "evaluations": 0})
+                row["seconds"] = round(row["seconds"] + seconds, 2)
+                row["evaluations"] += 1
+                for k, v in job[side]["work"].get(part, {}).items():
+                    row[k] = row.get(k, 0) + v
+    return totals
+
+
+def run_stream(args, model_dir: Path, work_dir: Path) -> tuple[list[dict], dict]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    streams = synthetic_tasks(random.Random(0))
+    suites = gates.load_suites(sizes=gates.GATE_SIZES, seed=0)
+    thresholds = gates.GateThresholds()
+    stored: dict[str, gates.VersionScores] = {}  # what Redis holds per version
+    parent, parent_dir, lineage = "v0", model_dir, []
+    jobs, reports = [], {}
+    for k, (task_id, (metric, train_set, eval_set)) in enumerate(streams.items(), start=1):
+        candidate, candidate_dir = f"v{k}", work_dir / f"v{k}"
+        model = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32)
+        started = time.monotonic()
+        if task_id == "capitals":
+            made_by = f"perturbed (noise x{args.noise})"
+            perturb(model, args.noise)
+        else:
+            made_by = f"trained {args.train_steps} steps, lr {args.lr}"
+            fine_tune(model, tokenizer, train_set, args.train_steps, args.lr)
+        train_s = time.monotonic() - started
+        model.save_pretrained(candidate_dir)
+        tokenizer.save_pretrained(candidate_dir)
+        del model
+        task_evals = {t: (streams[t][0], streams[t][2]) for t in lineage + [task_id]}
+        load_before, started, cpu, previous = load_avg(), time.monotonic(), time.process_time(), stored.get(parent)
+        parent_scores, candidate_scores, report = gating.score_and_decide(
+            task_evals, suites, task_id, parent_dir, candidate_dir, previous, thresholds)
+        gate_s, cpu_s = time.monotonic() - started, time.process_time() - cpu
+        stored[parent], stored[candidate] = parent_scores, candidate_scores
+        # The parent's parts scored in this job (usually the new task only; everything for v0).
+        new_parent_parts = {p: s for p, s in parent_scores.seconds.items() if previous is None or p not in previous.seconds}
+        jobs.append({
+            "job": k, "task": task_id, "parent": parent, "candidate": candidate, "made_by": made_by,
+            "train_s": round(train_s, 1), "gate_s": round(gate_s, 1), "cpu_s": round(cpu_s, 1),
+            "load_avg_before": load_before, "load_avg_after": load_avg(),
+            "parent": {"version": parent, "seconds": new_parent_parts,
+                       "work": {p: parent_scores.work.get(p, {}) for p in new_parent_parts}},
+            "candidate": {"version": candidate, "seconds": candidate_scores.seconds, "work": candidate_scores.work},
+            "passed": report.passed, "failed": report.failed,
+            "summary": {"parent": parent_scores.summary(), "candidate": candidate_scores.summary()},
+        })
+        reports.setdefault("accepted" if report.passed else "rejected", (k, task_id, report))
+        print(json.dumps({k: v for k, v in jobs[-1].items() if k != "summary"}), flush=True)
+        if report.passed:
+            parent, parent_dir, lineage = candidate, candidate_dir, lineage + [task_id]
+    return jobs, reports
+
+
+def write_markdown(result: dict, reports: dict) -> str:
+    lines = [
+        "# bench-gates: the whole gate for a stream of 4 tasks (SmolLM2-135M-Instruct, fp32, CPU)",
+        "",
+        f"Total gate time: **{result['total_gate_s']} s** wall ({result['total_cpu_s']} s CPU) for 4 jobs "
+        f"(budget {BUDGET_S} s), "
+        f"torch threads {result['torch_threads']}, batch size {result['batch_size']}, "
+        f"load average (1/5/15 min) {result['load_avg_start']} at start, {result['load_avg_end']} at end.",
+        f"Caps (max new tokens): {json.dumps(result['eval_config'])}; suite sizes {json.dumps(result['suite_sizes'])}.",
+        "",
+        "| job | task | candidate | made by | gate s (wall) | CPU s | load (1 min) | result |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for j in result["jobs"]:
+        outcome = "promoted" if j["passed"] else "rejected: " + ", ".join(j["failed"])
+        lines.append(f"| {j['job']} | {j['task']} | {j['parent']} → {j['candidate']} | {j['made_by']} | "
+                     f"{j['gate_s']} | {j['cpu_s']} | {j['load_avg_after'][0]} | {outcome} |")
+    lines += ["", "Per part, summed over the stream (parent v0 once, then each candidate, plus each parent on its "
+                  "new task):", "", "| part | seconds | evaluations | items | generated tokens | capped items |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for part, row in result["parts"].items():
+        lines.append(f"| {part} | {row['seconds']} | {row['evaluations']} | {row.get('items', '')} | "
+                     f"{row.get('generated_tokens', '')} | {row.get('capped', '')} |")
+    for kind in ("accepted", "rejected"):
+        if kind in reports:
+            k, task_id, report = reports[kind]
+            lines += ["", f"## {kind.capitalize()}: job {k} ({task_id})", "", "```", *compact(report), "```"]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--train-steps", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--out", default="bench_gates", help="result file stem under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = ensure_base_model(Path("var/base-models"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    streams = synthetic_tasks(random.Random(0))
-    tasks = {t: (metric, evals) for t, (metric, _, evals) in streams.items()}
-    suites = load_suites(sizes=GATE_SIZES, seed=0)
-    config = EvalConfig()
-
-    parent = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    started = time.monotonic()
-    parent_scores = evaluate(HFGenerator(parent, tokenizer), tasks, suites, config=config)
-    parent_s = time.monotonic() - started
-    parent_state = {k: v.clone() for k, v in parent.state_dict().items()}
-
-    train_s = fine_tune(parent, tokenizer, streams["sentiment"][1], args.train_steps, args.lr)
-    accepted_s, accepted = gate(parent, tokenizer, tasks, suites, parent_scores, config)
-
-    parent.load_state_dict(parent_state)
-    perturb(parent, args.noise)
-    rejected_s, rejected = gate(parent, tokenizer, tasks, suites, parent_scores, config)
-
-    parts = accepted["scores"].seconds
-    suite_s = sum(v for k, v in parts.items() if not k.startswith("task:"))
-    task_s = [v for k, v in parts.items() if k.startswith("task:")]
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-gates-"))
+    load_start = load_avg()
+    try:
+        jobs, reports = run_stream(args, model_dir, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     result = {
         "model": "SmolLM2-135M-Instruct (fp32)",
         "torch_threads": args.threads,
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "suite_sizes": GATE_SIZES.model_dump(),
-        "eval_config": config.model_dump(),
-        "tasks": {t: len(e) for t, (_, e) in tasks.items()},
-        "parent_eval_s": round(parent_s, 1),
-        "accepted": {"gate_s": round(accepted_s, 1), "parts_s": parts, "train_s": round(train_s, 1),
-                     **abbreviated(accepted["report"])},
-        "rejected": {"gate_s": round(rejected_s, 1), "parts_s": rejected["scores"].seconds,
-                     **abbreviated(rejected["report"])},
-        # Jobs 1..4 of a stream each gate 1..4 tasks plus the suites (parts measured above).
-        "stream_of_4_jobs_estimate_s": round(4 * suite_s + sum(sum(task_s[:k]) for k in range(1, 5)), 1),
-        "budget_s": 300,
-        "parent_summary": parent_scores.summary(),
-        "accepted_summary": accepted["scores"].summary(),
-        "rejected_summary": rejected["scores"].summary(),
+        "batch_size": gates.HFGenerator.__init__.__defaults__[0],
+        "eval_config": gates.EvalConfig().model_dump(),
+        "suite_sizes": gates.GATE_SIZES.model_dump(),
+        "load_avg_start": load_start, "load_avg_end": load_avg(),
+        "total_gate_s": round(sum(j["gate_s"] for j in jobs), 1),
+        # CPU time of this process: close to what the gate would take on an otherwise idle machine.
+        "total_cpu_s": round(sum(j["cpu_s"] for j in jobs), 1),
+        "budget_s": BUDGET_S,
+        "parts": part_totals(jobs),
+        "jobs": jobs,
+        "reports": {kind: {"job": k, "task": t, "lines": compact(r)} for kind, (k, t, r) in reports.items()},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    print("\nACCEPTED:", accepted["report"].summary)
-    print("REJECTED:", rejected["report"].summary)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    markdown = write_markdown(result, reports)
+    (RESULTS / f"{args.out}.md").write_text(markdown)
+    print(json.dumps({k: v for k, v in result.items() if k != "jobs"}, indent=2))
+    print(markdown)
 
 
 if __name__ == "__main__":

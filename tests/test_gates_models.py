@@ -139,3 +139,45 @@ def test_a_candidate_that_learns_b_and_keeps_the_rest_passes(world):
     assert report.passed, report.summary
     assert gate(report, "new_task:B").delta >= 0.5
     assert not any(g.skipped for g in report.gates)
+
+
+def reference_generate(model, tokenizer, generator: HFGenerator, conversation: list[dict], max_new_tokens: int) -> str:
+    """transformers' own greedy `generate`, one prompt at a time (no padding)."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, pad_token_id=generator.pad_id, eos_token_id=generator.stop_ids)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_batched_generation_with_early_stop_matches_one_by_one_greedy(world):
+    """Rows leave the batch when they stop; each must decode exactly as it would alone, and as
+    transformers' `generate` decodes it."""
+    model = AutoModelForCausalLM.from_pretrained(world.model_dir, dtype=torch.float32)
+    model.load_state_dict(world.parent_state)
+    prompts = [e.prompt_messages for e in world.task_a[:4]] + [
+        [{"role": "user", "content": i.prompt}] for i in world.suites.harmful[:3] + world.suites.benign[:3]
+        + world.suites.ifeval[:4]]
+    batched, alone = HFGenerator(model, world.tokenizer), HFGenerator(model, world.tokenizer, batch_size=1)
+    together = batched.generate(prompts, 12)
+    assert together == alone.generate(prompts, 12)
+    assert together == [reference_generate(model, world.tokenizer, alone, p, 12) for p in prompts]
+    stats = batched.stats
+    assert stats.items == len(prompts) and stats.prompt_tokens == alone.stats.prompt_tokens
+    assert 0 < stats.capped < len(prompts)  # some rows stopped early, some ran to the cap
+    assert stats.generated_tokens < 12 * len(prompts)
+
+
+def test_a_shared_system_turn_is_prefilled_once_with_the_same_output(world):
+    model = AutoModelForCausalLM.from_pretrained(world.model_dir, dtype=torch.float32)
+    model.load_state_dict(world.parent_state)
+    system = [{"role": "system", "content": "You are a helpful assistant. Answer the user briefly and politely."}]
+    prompts = [system + e.prompt_messages for e in world.task_a[:3]] + [
+        system + [{"role": "user", "content": i.prompt}] for i in world.suites.harmful[:3]]
+    batched, alone = HFGenerator(model, world.tokenizer), HFGenerator(model, world.tokenizer, batch_size=1)
+    together = batched.generate(prompts, 6)
+    assert together == alone.generate(prompts, 6)
+    assert together == [reference_generate(model, world.tokenizer, alone, p, 6) for p in prompts]
+    longest = max(len(world.tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"])
+                  for p in prompts)
+    assert batched.stats.prefilled_tokens < len(prompts) * longest - 10 * (len(prompts) - 1)

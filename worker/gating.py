@@ -14,6 +14,7 @@ from sculptor.context import Context
 from sculptor.datasets import Example
 from sculptor.records import TaskRecord
 from worker import gates
+from worker.gates.evaluate import TaskEval
 
 SCORES_KEY = "sculptor:scores:{}"
 
@@ -74,15 +75,26 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
             task_evals[task_id] = (record.metric, examples)
         if record.hyperparameters.gate_thresholds:
             overrides[task_id] = record.hyperparameters.gate_thresholds
-    the_suites = suites(ctx)
-    parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
-                                   reuse=load_scores(ctx, parent))
-    save_scores(ctx, parent, parent_scores)
-    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites)
-    save_scores(ctx, candidate, candidate_scores)
     thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
-    report = gates.decide(candidate_scores, parent_scores, task.task_id, thresholds, overrides)
+    parent_scores, candidate_scores, report = score_and_decide(
+        task_evals, suites(ctx), task.task_id, parent_dir, candidate_dir, load_scores(ctx, parent),
+        thresholds, overrides)
+    save_scores(ctx, parent, parent_scores)
+    save_scores(ctx, candidate, candidate_scores)
     return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds}
+
+
+def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, new_task_id: str,
+                     parent_dir: Path, candidate_dir: Path, parent_stored: gates.VersionScores | None,
+                     thresholds: gates.GateThresholds, overrides: dict | None = None,
+                     ) -> tuple[gates.VersionScores, gates.VersionScores, gates.GateReport]:
+    """The gate without Redis: complete the parent's stored scores (usually just the new task),
+    score the candidate on everything, decide. bench/bench_gates.py times exactly this."""
+    parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
+                                   reuse=parent_stored)
+    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites)
+    report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides)
+    return parent_scores, candidate_scores, report
 
 
 def accuracy_matrix(ctx: Context, version: str) -> dict:

@@ -16,7 +16,7 @@ matrix (AA / BWT over the accuracy matrix).
 
 from worker.gates.decide import GateReport, GateResult, GateThresholds, decide
 from worker.gates.evaluate import EvalConfig, evaluate, example_ids
-from worker.gates.generation import Generator, HFGenerator, TextLosses
+from worker.gates.generation import GenerationStats, Generator, HFGenerator, TextLosses
 from worker.gates.matrix import average_accuracy, backward_transfer
 from worker.gates.metrics import normalise, score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
@@ -30,6 +30,7 @@ __all__ = [
     "GateReport",
     "GateResult",
     "GateThresholds",
+    "GenerationStats",
     "Generator",
     "HFGenerator",
     "ItemScores",

@@ -106,6 +106,12 @@ def _evaluate_perplexity(generator: Generator, suites: Suites, scores: VersionSc
                                          tokens=losses.tokens)
 
 
+def _stats(generator: Generator) -> dict[str, int] | None:
+    """The generator's running work totals (GenerationStats), if it keeps them."""
+    stats = getattr(generator, "stats", None)
+    return dict(vars(stats)) if stats is not None else None
+
+
 def _same_ids(stored, ids: list[str]) -> bool:
     return stored is not None and stored.ids == ids
 
@@ -128,9 +134,11 @@ def evaluate(
     scores = reuse.model_copy(deep=True) if reuse else VersionScores()
 
     def timed(part: str, fn, *args) -> None:
-        started = time.monotonic()
+        started, before = time.monotonic(), _stats(generator)
         fn(*args)
         scores.seconds[part] = round(time.monotonic() - started, 2)
+        if before is not None:
+            scores.work[part] = {k: v - before[k] for k, v in _stats(generator).items()}
 
     for task_id, (metric, examples) in tasks.items():
         stored = scores.tasks.get(task_id)

@@ -18,6 +18,18 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class GenerationStats:
+    """Running totals of one generator's work, so callers can see where decoding time goes."""
+
+    items: int = 0
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # what the model read: the shared prefix once, then each row's padded suffix
+    generated_tokens: int = 0
+    capped: int = 0  # items that reached max_new_tokens without a stop token
 
 
 @dataclass
@@ -33,7 +45,7 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    def __init__(self, model, tokenizer, batch_size: int = 16, bf16_autocast: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 64, bf16_autocast: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -41,6 +53,7 @@ class HFGenerator:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = self._stop_ids()
+        self.stats = GenerationStats()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> HFGenerator:
@@ -65,6 +78,15 @@ class HFGenerator:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, row in enumerate(rows):
+            ids[k, width - len(row):] = torch.tensor(row)
+            mask[k, width - len(row):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     @torch.inference_mode()
     def generate(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
         prompts = [self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
@@ -72,19 +94,67 @@ class HFGenerator:
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         outputs = [""] * len(encoded)
         for batch in self._batches([len(e) for e in encoded]):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            with self._autocast():
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                          pad_token_id=self.pad_id, eos_token_id=self.stop_ids)
-            for row, i in enumerate(batch):
-                outputs[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            for i, tokens in zip(batch, self.greedy([encoded[i] for i in batch], max_new_tokens)):
+                outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return outputs
+
+    @torch.inference_mode()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of token-id prompts, without their stop token.
+
+        Two savings over `model.generate`, same tokens out (tested):
+          - the prefix all prompts share (the chat template's system turn, ~20 tokens for SmolLM2)
+            is prefilled once and its cache copied to every row; each row is laid out as
+            [shared prefix][left padding][own suffix], with explicit positions;
+          - a row leaves the batch as soon as it emits a stop token (its cache rows are dropped),
+            so the remaining steps only pay for the rows still decoding.
+        """
+        cache = DynamicCache(config=self.model.config)
+        shared = _shared_prefix_length(prompts)
+        if shared:
+            with self._autocast():
+                self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(prompts))
+        ids, suffix_mask = self._left_padded([p[shared:] for p in prompts])
+        positions = shared + (suffix_mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([suffix_mask.new_ones((len(prompts), shared)), suffix_mask], dim=1)
+        with self._autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.stats.items += len(prompts)
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        self.stats.prefilled_tokens += shared + ids.numel()
+        return self._decode(logits, cache, mask, positions[:, -1] + 1, max_new_tokens)
+
+    def _decode(self, logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor,
+                max_new_tokens: int) -> list[list[int]]:
+        """The decoding steps after the prefill: one token per live row per step, finished rows dropped."""
+        out = [[] for _ in range(len(logits))]
+        alive = torch.arange(len(logits))  # original row of each row still decoding
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        for step in range(max_new_tokens):
+            tokens = logits.argmax(-1)
+            finished = torch.isin(tokens, stop)
+            for row, token in zip(alive[~finished].tolist(), tokens[~finished].tolist()):
+                out[row].append(token)
+            self.stats.generated_tokens += int((~finished).sum())
+            if step == max_new_tokens - 1:
+                self.stats.capped += int((~finished).sum())
+                break
+            if finished.all():
+                break
+            if finished.any():
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                alive, tokens, mask, next_position = alive[keep.cpu()], tokens[keep], mask[keep], next_position[keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            with self._autocast():
+                logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
+                                    position_ids=next_position[:, None], past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
+            next_position = next_position + 1
+        return out
 
     @torch.inference_mode()
     def perplexity(self, texts: Sequence[str]) -> TextLosses:
@@ -107,3 +177,12 @@ class HFGenerator:
                 nll[i] = float((losses[row] * scored[row]).sum())
                 tokens[i] = int(scored[row].sum())
         return TextLosses(nll=nll, tokens=tokens)
+
+
+def _shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens at the start of every prompt, leaving each prompt at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n

@@ -66,6 +66,7 @@ class VersionScores(BaseModel):
     ifeval_loose: ItemScores | None = None
     perplexity: PerplexityScores | None = None
     seconds: dict[str, float] = Field(default_factory=dict)  # wall time per part, as last evaluated
+    work: dict[str, dict[str, int]] = Field(default_factory=dict)  # per part: items, tokens (GenerationStats)
     samples: dict[str, list[dict]] = Field(default_factory=dict)  # a few responses per part, for reading
 
     def summary(self) -> dict:
