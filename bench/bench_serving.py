@@ -228,7 +228,7 @@ async def phase_gateway(v0_dir: Path, tmp: Path, replicas: int) -> dict:
         return result
     finally:
         stop_process(proc, signal.SIGINT, "deploy.run")
-        keep_log_tail(log_path, "bench_serving_gateway.log", 600)
+        keep_log_tail(log_path, f"bench_serving_gateway{'' if replicas == 1 else f'_r{replicas}'}.log", 600)
         result_log = log_path.read_text(errors="replace") if log_path.exists() else ""
         if "result" in locals():
             result["gateway_swaps"] = gateway_swap_log(result_log)
@@ -350,8 +350,20 @@ def report(direct: dict, gateway: dict, replicas: int) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--replicas", type=int, default=1, help="engine replicas behind the gateway (default 1)")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1], metavar="N",
+                        help="engine replicas behind the gateway (default 1); several values run one gateway "
+                             "phase each, all compared with the same direct phase")
     return parser.parse_args()
+
+
+def write_results(direct: dict, gateway: dict, replicas: int) -> dict:
+    out = report(direct, gateway, replicas)
+    suffix = "" if replicas == 1 else f"_r{replicas}"
+    (RESULTS / f"bench_serving{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    raw = {"direct": sc.dump(direct["requests"], direct["t0"]), "gateway": sc.dump(gateway["requests"], gateway["t0"]),
+           "promoted_at_s": {v: round(t - gateway["t0"], 3) for v, t in gateway["promoted"].items()}}
+    (RESULTS / f"bench_serving{suffix}_requests.json").write_text(json.dumps(raw) + "\n")
+    return out
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -359,18 +371,15 @@ async def main(args: argparse.Namespace) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     v0_dir = ensure_base_model(REPO / "var" / "base-models")
+    reports = []
     with tempfile.TemporaryDirectory(prefix="sculptor-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
         direct = await phase_direct(v0_dir, tmp)
-        gateway = await phase_gateway(v0_dir, tmp, args.replicas)
-    out = report(direct, gateway, args.replicas)
-    suffix = "" if args.replicas == 1 else f"_r{args.replicas}"
-    text = json.dumps(out, indent=2)
-    (RESULTS / f"bench_serving{suffix}.json").write_text(text + "\n")
-    raw = {"direct": sc.dump(direct["requests"], direct["t0"]), "gateway": sc.dump(gateway["requests"], gateway["t0"]),
-           "promoted_at_s": {v: round(t - gateway["t0"], 3) for v, t in gateway["promoted"].items()}}
-    (RESULTS / f"bench_serving{suffix}_requests.json").write_text(json.dumps(raw) + "\n")
-    print(text)
+        for replicas in args.replicas:
+            (tmp / f"r{replicas}").mkdir()
+            gateway = await phase_gateway(v0_dir, tmp / f"r{replicas}", replicas)
+            reports.append(write_results(direct, gateway, replicas))
+    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 0
 
 

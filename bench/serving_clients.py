@@ -76,8 +76,10 @@ def _take_chunk(req: Request, data: str) -> None:
 
 
 async def one_request(http: httpx.AsyncClient, cfg: LoadConfig, client: int, prompt: str,
-                      max_tokens: int | None = None) -> Request:
+                      max_tokens: int | None = None, out: list[Request] | None = None) -> Request:
     req = Request(client, time.monotonic())
+    if out is not None:  # listed from its start, so a request cut off at the phase timeout still counts
+        out.append(req)
     try:
         async with http.stream("POST", "/v1/chat/completions",
                                json=_payload(cfg, prompt, max_tokens or cfg.max_tokens)) as resp:
@@ -107,13 +109,14 @@ async def _client_loop(http: httpx.AsyncClient, cfg: LoadConfig, client: int, de
                        out: list[Request]) -> None:
     n = 0
     while time.monotonic() < deadline:
-        out.append(await one_request(http, cfg, client, prompt_for(client, n)))
+        req = await one_request(http, cfg, client, prompt_for(client, n), out=out)
         n += 1
-        if out[-1].error:
+        if req.error:
             await asyncio.sleep(0.2)  # do not spin on a failing server
 
 
 PROBE = -1  # client id of the probe
+PHASE_GRACE_S = 300.0  # how long requests in flight at the deadline may take to finish (a saturated box is slow)
 
 
 async def _probe_loop(http: httpx.AsyncClient, cfg: LoadConfig, deadline: float, out: list[Request]) -> None:
@@ -122,7 +125,7 @@ async def _probe_loop(http: httpx.AsyncClient, cfg: LoadConfig, deadline: float,
     are left out of the phase statistics."""
     n = 0
     while time.monotonic() < deadline:
-        out.append(await one_request(http, cfg, PROBE, prompt_for(0, n), max_tokens=1))
+        await one_request(http, cfg, PROBE, prompt_for(0, n), max_tokens=1, out=out)
         n += 1
         await asyncio.sleep(0.1)
 
@@ -138,7 +141,14 @@ async def run_load(cfg: LoadConfig, during=None) -> tuple[float, list[Request]]:
         loops.append(_probe_loop(http, cfg, deadline, out))
         if during is not None:
             loops.append(during(t0))
-        await asyncio.wait_for(asyncio.gather(*loops), cfg.duration_s + cfg.request_timeout_s + 30)
+        tasks = [asyncio.ensure_future(loop) for loop in loops]
+        _, late = await asyncio.wait(tasks, timeout=cfg.duration_s + PHASE_GRACE_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    for req in out:
+        if req.end is None and req.error is None:
+            req.error = f"unfinished {PHASE_GRACE_S:.0f}s after the phase's deadline"
     return t0, out
 
 

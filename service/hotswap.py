@@ -236,7 +236,7 @@ class ServingModel:
                         elif message["channel"] == CANDIDATES_CHANNEL:
                             self._prefetch(json.loads(message["data"])["version"])
                         else:
-                            await self.swap_to(json.loads(message["data"])["version"])
+                            await self.swap_to(await self._newest(client, json.loads(message["data"])["version"]))
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # Redis away: keep serving, retry shortly
@@ -254,6 +254,11 @@ class ServingModel:
         task = asyncio.create_task(fetch())
         self._prefetches.add(task)
         task.add_done_callback(self._prefetches.discard)
+
+    async def _newest(self, client, announced: str) -> str:
+        """The current version, which may be newer than the one announced: promotions that arrived
+        during a long swap are skipped over rather than swapped in one after another."""
+        return await client.get(VersionStore.current_key) or announced
 
     async def _catch_up(self, client) -> None:
         current = await client.get(VersionStore.current_key)
