@@ -124,7 +124,7 @@ class Learner:
         """PEFT's OSF for one task, merged back into dense weights before the next."""
         from peft import OSFConfig, get_peft_model
 
-        from worker.training.loop import train
+        from worker.training.loop import adamw, train
 
         peft_model = get_peft_model(self.model, OSFConfig(effective_rank=0.75, target_modules=TARGETS))
 
@@ -132,8 +132,8 @@ class Learner:
             def trainable_parameters(self):
                 return [p for p in peft_model.parameters() if p.requires_grad]
 
-            def after_optimizer_step(self):
-                pass
+            def make_optimizer(self, learning_rate, weight_decay):
+                return adamw(self.trainable_parameters(), learning_rate, weight_decay)
 
             def report(self):
                 return {"method": "peft-osf"}

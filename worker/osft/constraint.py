@@ -1,7 +1,7 @@
 """The SVD-constrained update (method "osft"): plan the protected ranks, then hold every step to them.
 
 `plan_matrices` decides, per target matrix, the protected rank k; `SubspaceConstraint` freezes
-everything else, hands the optimizer the trainable weights and projects them after each step.
+everything else and makes the optimizer that projects every applied update (optimizer.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 
 from worker.osft.config import OSFTConfig
 from worker.osft.importance import matrix_importance, protected_ratios
+from worker.osft.optimizer import ProjectedAdamW
 from worker.osft.projector import Projector
 from worker.osft.subspace import Bases, allocate_rank, is_spent, unfreeze_extras
+from worker.training.loop import ADAM_BETAS
 
 
 @dataclass
@@ -89,10 +91,10 @@ class SubspaceConstraint:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._trainable)
 
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        for name, projector in self.projectors.items():
-            projector.project_(self.targets[name].weight)
+    def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+        projectors = {self.targets[name].weight: projector for name, projector in self.projectors.items()}
+        return ProjectedAdamW(self.trainable_parameters(), projectors, lr=learning_rate,
+                              weight_decay=weight_decay, betas=ADAM_BETAS)
 
     def report(self) -> dict:
         spent = [name for name, plan in self.plans.items() if plan.spent]

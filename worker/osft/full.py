@@ -7,6 +7,7 @@ import torch
 
 from worker.osft.config import OSFTConfig
 from worker.osft.subspace import target_modules, unfreeze_extras
+from worker.training.loop import adamw
 
 
 class FullFineTuning:
@@ -26,8 +27,8 @@ class FullFineTuning:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._trainable)
 
-    def after_optimizer_step(self) -> None:
-        pass
+    def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+        return adamw(self.trainable_parameters(), learning_rate, weight_decay)
 
     def report(self) -> dict:
         return {

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from worker.osft.config import OSFTConfig
 from worker.osft.constraint import MatrixPlan
 from worker.osft.subspace import Bases, unfreeze_extras
+from worker.training.loop import adamw
 
 
 def local_rows(weight: DTensor) -> slice:
@@ -148,6 +149,11 @@ class ShardedSubspaceConstraint:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._trainable)
+
+    def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+        optimizer = adamw(self.trainable_parameters(), learning_rate, weight_decay)
+        optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
+        return optimizer
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -1,8 +1,8 @@
 """The training loop: everything about a step is visible in `train`.
 
 The method (SVD-constrained or plain) enters through an `UpdateConstraint`: it names the
-parameters the optimizer may touch and, after every optimizer step, projects the applied
-update back into the allowed subspace (projecting only gradients leaks through Adam).
+parameters that train and makes the optimizer, whose every step keeps the applied update in the
+allowed subspace (projecting only gradients leaks through Adam).
 """
 
 from __future__ import annotations
@@ -15,10 +15,17 @@ from typing import Callable, Protocol
 import torch
 
 
+ADAM_BETAS = (0.9, 0.95)
+
+
+def adamw(params: list[torch.nn.Parameter], learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=ADAM_BETAS)
+
+
 class UpdateConstraint(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
-    def after_optimizer_step(self) -> None: ...
+    def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer: ...
 
     def report(self) -> dict: ...
 
@@ -32,8 +39,8 @@ class AllParameters:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
 
-    def after_optimizer_step(self) -> None:
-        pass
+    def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+        return adamw(self.trainable_parameters(), learning_rate, weight_decay)
 
     def report(self) -> dict:
         return {"method": "all_parameters"}
@@ -87,7 +94,7 @@ def train(
     progress_every_s: float = 2.0,
 ) -> TrainResult:
     params = constraint.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    optimizer = constraint.make_optimizer(learning_rate, weight_decay)
     total = len(batches)
     warmup = max(1, total // 20)
     device_type = next(model.parameters()).device.type
@@ -108,9 +115,8 @@ def train(
             raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; try a lower learning_rate")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        optimizer.step()  # the constrained optimizer projects each applied update
         optimizer.zero_grad(set_to_none=True)
-        constraint.after_optimizer_step()
 
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
