@@ -4,9 +4,10 @@
     python deploy/memory_estimate.py --gpus 32
 
 GB = 1e9 bytes. What `worker/training/distributed.py` holds: fp32 master weights, gradients and AdamW
-m, v sharded by rows; the parent anchor sharded like the weights; per target matrix the left-side basis
-(rows of this shard) and the whole right-side basis; each side the protected basis or its complement,
-whichever has fewer columns; bf16 compute copies gathered one decoder layer at a time.
+m, v sharded by rows; per target matrix the left-side basis (rows of this shard) and the whole right-side
+basis; each side the protected basis or its complement, whichever has fewer columns; bf16 compute copies
+gathered one decoder layer at a time. No copy of the parent's weights: each step is projected against a
+copy of one matrix's shard taken just before that matrix's AdamW step.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def estimate(model: Model, gpus: int, tokens: int, ratio: float = 0.75) -> dict[
         "fp32 master weights": (target + model.frozen()) * 4 / gpus / GB,
         "fp32 gradients": target * 4 / gpus / GB,
         "AdamW m, v (fp32)": target * 8 / gpus / GB,
-        "parent anchor (fp32)": target * 4 / gpus / GB,
+        "step reference: one matrix's shard (fp32)": max(o * i for o, i in shapes) * 4 / gpus / GB,
         "bases, left side (rows of the shard)": left * 4 / gpus / GB,
         "bases, right side, resident": right * 4 / GB,
         "bases, right side, sharded + one gathered": (right / gpus + largest_right) * 4 / GB,
@@ -99,7 +100,8 @@ def estimate(model: Model, gpus: int, tokens: int, ratio: float = 0.75) -> dict[
 def totals(e: dict[str, float], resident_right: bool) -> tuple[float, float]:
     """Total per GPU with and without activation checkpointing."""
     common = sum(e[key] for key in ("fp32 master weights", "fp32 gradients", "AdamW m, v (fp32)",
-                                    "parent anchor (fp32)", "bases, left side (rows of the shard)",
+                                    "step reference: one matrix's shard (fp32)",
+                                    "bases, left side (rows of the shard)",
                                     "gathered layers (2 bf16) + one layer's fp32 gradient",
                                     "gathered root (bf16 embeddings, lm_head)"))
     common += e["bases, right side, resident" if resident_right else "bases, right side, sharded + one gathered"]

@@ -77,10 +77,10 @@ def projection_errors(mesh) -> dict[tuple[int, int], float]:
         parent = torch.randn(shape, generator=generator)
         moved = parent + 0.1 * torch.randn(shape, generator=generator)
         bases = compute_bases(parent)
-        weight = distribute_tensor(parent, mesh, [Shard(0)])
+        reference = distribute_tensor(parent, mesh, [Shard(0)])
+        weight = distribute_tensor(moved, mesh, [Shard(0)])
         projector = ShardedProjector(weight, bases, k, shard_right=shape[0] % 2 == 1)
-        weight.to_local().copy_(distribute_tensor(moved, mesh, [Shard(0)]).to_local())
-        projector.project_(weight)
+        projector.project_(weight, reference)
         U, Vh = bases.U[:, :k], bases.Vh[:k]
         delta = moved - parent
         expected = parent + (delta - U @ (U.T @ delta)) @ (torch.eye(shape[1]) - Vh.T @ Vh)

@@ -1,8 +1,10 @@
 """The SVD constraint on FSDP-sharded weights: each rank projects its own rows, one all-reduce per matrix.
 
 FSDP (`fully_shard`) splits every weight W (out × in) by rows: rank r holds rows R_r of W, of its
-gradient and of its Adam states, so it also holds rows R_r of ΔW = W − W_parent (the anchor is
-sharded the same way). The projection ΔW ← (I − U_k U_kᵀ) ΔW (I − V_k V_kᵀ) then splits in two:
+gradient and of its Adam states. As in the single-process method (worker/osft/optimizer.py), every
+applied step ΔW = W_after − W_before is projected, ΔW ← (I − U_k U_kᵀ) ΔW (I − V_k V_kᵀ), with
+`ProjectedAdamW` stepping one matrix at a time and copying only that matrix (here: this rank's rows
+of it) before its step. Rank r holds rows R_r of ΔW, and the projection splits in two:
 
   * the right side, ΔW (I − V_k V_kᵀ), is row-local: each row needs only itself and all of V
     (in × k, or its complement), so every rank keeps the whole right-side basis (or 1/N of its rows,
@@ -28,8 +30,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from worker.osft.config import OSFTConfig
 from worker.osft.constraint import MatrixPlan
+from worker.osft.optimizer import ProjectedAdamW
 from worker.osft.subspace import Bases, unfreeze_extras
-from worker.training.loop import adamw
+from worker.training.loop import ADAM_BETAS
 
 
 def local_rows(weight: DTensor) -> slice:
@@ -79,7 +82,6 @@ class ShardedProjector:
         rows = local_rows(weight)
         self.k = k
         self.group = weight.device_mesh.get_group()
-        self.anchor = local.detach().clone()
         device = local.device
         self.left = Side(bases.U[rows].to(device), k, complement_exists=out_features == m)
         self.right = Side(bases.Vh.T.to(device), k, complement_exists=in_features == m)
@@ -89,16 +91,19 @@ class ShardedProjector:
         self.shard_right = shard_right
 
     @torch.no_grad()
-    def project_(self, weight: DTensor) -> None:
-        """Move this rank's rows of `weight` (in place) onto the constraint set. Every rank must call it."""
-        local = weight.to_local()
-        delta = local - self.anchor
+    def project_(self, weight: DTensor, reference: DTensor) -> None:
+        """Move this rank's rows of `weight` (in place) to reference + the allowed part of (weight − reference).
+
+        `reference` is the weight before the step (sharded alike). Every rank must call it, in the same order.
+        """
+        local, before = weight.to_local(), reference.to_local()
+        delta = local - before
         right = self._right_basis()
         if self.right.complement:   # ΔW (I − P_V) = (ΔW Q_V) Q_Vᵀ: the left side works on thin rows × c
             thin = self._from_left(delta @ right)
-            torch.addmm(self.anchor, thin, right.T, out=local)
+            torch.addmm(before, thin, right.T, out=local)
         else:                       # ΔW (I − P_V) = ΔW − (ΔW V_k) V_kᵀ
-            local.copy_(self.anchor + self._from_left(delta - (delta @ right) @ right.T))
+            local.copy_(before + self._from_left(delta - (delta @ right) @ right.T))
 
     def _right_basis(self) -> torch.Tensor:
         if not self.shard_right:
@@ -116,8 +121,8 @@ class ShardedProjector:
         return x - self.left.basis @ coefficients
 
     def extra_numel(self) -> int:
-        """Floats this rank holds beyond its shard of the weight (anchor rows, U rows, V whole or its rows)."""
-        return self.anchor.numel() + self.left.numel() + self.right.numel()
+        """Floats this rank holds beyond its shard of the weight (U rows, V whole or its rows)."""
+        return self.left.numel() + self.right.numel()
 
 
 def _padded_row_chunk(basis: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -151,14 +156,11 @@ class ShardedSubspaceConstraint:
         return list(self._trainable)
 
     def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-        optimizer = adamw(self.trainable_parameters(), learning_rate, weight_decay)
-        optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
-        return optimizer
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        for name, projector in self.projectors.items():  # same order on every rank: targets are in model order
-            projector.project_(self.targets[name].weight)
+        """AdamW stepping one matrix at a time and projecting its step; parameters are stepped in the
+        same order on every rank, so the projections' collectives line up."""
+        projectors = {self.targets[name].weight: projector for name, projector in self.projectors.items()}
+        return ProjectedAdamW(self.trainable_parameters(), projectors, lr=learning_rate,
+                              weight_decay=weight_decay, betas=ADAM_BETAS)
 
     def report(self) -> dict:
         spent = [name for name, plan in self.plans.items() if plan.spent]
