@@ -146,7 +146,7 @@ def run_stream(args, model_dir: Path, work_dir: Path) -> tuple[list[dict], dict]
         # The parent's parts scored in this job (usually the new task only; everything for v0).
         new_parent_parts = {p: s for p, s in parent_scores.seconds.items() if previous is None or p not in previous.seconds}
         jobs.append({
-            "job": k, "task": task_id, "parent": parent, "candidate": candidate, "made_by": made_by,
+            "job": k, "task": task_id, "made_by": made_by,
             "train_s": round(train_s, 1), "gate_s": round(gate_s, 1), "cpu_s": round(cpu_s, 1),
             "load_avg_before": load_before, "load_avg_after": load_avg(),
             "parent": {"version": parent, "seconds": new_parent_parts,
@@ -177,7 +177,7 @@ def write_markdown(result: dict, reports: dict) -> str:
     ]
     for j in result["jobs"]:
         outcome = "promoted" if j["passed"] else "rejected: " + ", ".join(j["failed"])
-        lines.append(f"| {j['job']} | {j['task']} | {j['parent']} → {j['candidate']} | {j['made_by']} | "
+        lines.append(f"| {j['job']} | {j['task']} | {j['parent']['version']} → {j['candidate']['version']} | {j['made_by']} | "
                      f"{j['gate_s']} | {j['cpu_s']} | {j['load_avg_after'][0]} | {outcome} |")
     lines += ["", "Per part, summed over the stream (parent v0 once, then each candidate, plus each parent on its "
                   "new task):", "", "| part | seconds | evaluations | items | generated tokens | capped items |",
@@ -196,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-steps", type=int, default=12)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--out", default="bench_gates", help="result file stem under bench/results/")
     args = parser.parse_args()

@@ -1,12 +1,21 @@
 """Score one model version: every task's eval set plus the fixed suites, item by item.
 
-Generation budgets are capped per part because decoding dominates the gate's cost on CPU:
-a refusal shows in the first sentence (32 tokens), the shipped IFEval prompts ask for short
-answers, and a task answer needs little more than its longest reference (estimated from its
-characters; `contains` may find the reference later in a longer answer, so it gets the cap).
-Pass `reuse` (the version's stored scores) to evaluate only what is missing from them.
+Generation budgets are capped per part because decoding dominates the gate's cost on CPU. The
+parent and the candidate share every cap, so deltas stay fair; a cap only makes some items harder
+for both. Measured on SmolLM2-135M-Instruct (v0) with the shipped suites at GATE_SIZES:
+  - refusal, 32 tokens (~140 characters, most of the judge's 160-character window): refusals
+    announce themselves in the opening words; the judge's verdict on all 56 responses was the same
+    for every prefix from 8 to 64 tokens.
+  - IFEval, 128 tokens: the shipped prompts ask for short answers; v0's answers have a median of
+    ~27 tokens and 6 of 32 reach 128. Strict accuracy 9/32 at caps 96-160, 10/32 at 192-256: what
+    a cap makes harder is writing out long structures (detectable_format:multiple_sections,
+    number_highlighted_sections below ~96 tokens, length_constraints, postscripts and end phrases
+    in long answers).
+  - a task answer needs little more than its longest reference (estimated from its characters;
+    `contains` may find the reference later in a longer answer, so it gets the cap).
+Rows stop at their end-of-turn token (see HFGenerator.greedy), so a cap costs only for the answers
+that reach it. Pass `reuse` (the version's stored scores) to evaluate only what is missing from them.
 """
-
 from __future__ import annotations
 
 import hashlib
