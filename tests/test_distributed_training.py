@@ -27,7 +27,7 @@ LEARNING_RATE = 1e-2
 IMPORTANCE_STEPS = 2
 # Same global batches, other reduction order (per-rank partial sums, all-reduces): fp32 rounding only.
 # Measured 3.6e-7 at most, against updates of ~1e-2 per element; without the all-reduce the test fails
-# on the left-side invariant (‖U_kᵀΔW‖ ≈ 0.15–0.45 ‖ΔW‖).
+# on the left-side invariant (‖U_kᵀΔW‖ ≈ 0.3–0.65 ‖ΔW‖).
 WEIGHT_TOLERANCE = 5e-6
 
 
