@@ -311,6 +311,16 @@ def test_a_candidate_missing_an_earlier_task_is_rejected():
     assert decide(candidate, PARENT, "B").failed == ["retention:A"]
 
 
+def test_a_rejected_sibling_jobs_task_is_not_an_earlier_task():
+    """Job 3 (task C) was rejected, but it scored the parent on C; job 4 from the same parent learns D."""
+    parent = _version({"A": [1] * 20, "C": [0] * 20, "D": [0] * 20})
+    candidate = _version({"A": [1] * 20, "D": [1] * 20})
+    report = decide(candidate, parent, "D", earlier_tasks=["A"])
+    assert report.passed, report.summary
+    assert [g.label for g in report.gates if g.gate == "retention"] == ["retention:A"]
+    assert decide(candidate, parent, "D").failed == ["retention:C"]  # what the default would have done
+
+
 def test_suites_missing_on_both_sides_are_skipped_and_say_so():
     candidate = VersionScores(tasks={"B": _task([1] * 20)})
     parent = VersionScores(tasks={"B": _task([0] * 20)})

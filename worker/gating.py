@@ -93,7 +93,9 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
     parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
                                    reuse=parent_stored)
     candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites)
-    report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides)
+    # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
+    earlier = [t for t in task_evals if t != new_task_id]
+    report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier)
     return parent_scores, candidate_scores, report
 
 

@@ -30,7 +30,7 @@ apply to its own retention gate, and the new task's overrides to the new-task an
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -145,7 +145,7 @@ def new_task_gate(task_id: str, candidate: VersionScores, parent: VersionScores,
 def retention_gate(task_id: str, candidate: VersionScores, parent: VersionScores, t: GateThresholds) -> GateResult:
     if task_id not in candidate.tasks:
         return _skip("retention", task_id, "the candidate was not evaluated on this earlier task", passed=False)
-    return _no_drop("retention", task_id, candidate.tasks[task_id], parent.tasks[task_id], t.retention_max_drop, t)
+    return _no_drop("retention", task_id, candidate.tasks[task_id], parent.tasks.get(task_id), t.retention_max_drop, t)
 
 
 def benign_gate(cand: ItemScores | None, par: ItemScores | None, t: GateThresholds) -> GateResult:
@@ -193,17 +193,22 @@ def decide(
     new_task_id: str,
     thresholds: GateThresholds | None = None,
     task_thresholds: Mapping[str, Mapping[str, float]] | None = None,
+    earlier_tasks: Sequence[str] | None = None,
 ) -> GateReport:
     """Run the five gates; the candidate may be promoted only when `report.passed`.
 
-    Earlier tasks are the parent's tasks other than the new one. `task_thresholds[task_id]` holds
-    that task's overrides (field names of `GateThresholds`).
+    `earlier_tasks`: the tasks the lineage learned before (default: the parent's scored tasks other
+    than the new one). Pass it when the parent's stored scores also hold tasks that it never
+    learned, e.g. the new task of a rejected job that had the same parent.
+    `task_thresholds[task_id]` holds that task's overrides (field names of `GateThresholds`).
     """
     base = thresholds or GateThresholds()
     overrides = task_thresholds or {}
     t_new = base.with_overrides(overrides.get(new_task_id))
     gates = [new_task_gate(new_task_id, candidate, parent, t_new)]
-    for task_id in parent.tasks:
+    if earlier_tasks is None:
+        earlier_tasks = [t for t in parent.tasks if t != new_task_id]
+    for task_id in earlier_tasks:
         if task_id != new_task_id:
             gates.append(retention_gate(task_id, candidate, parent, base.with_overrides(overrides.get(task_id))))
     gates += [

@@ -6,11 +6,13 @@ for both. Measured on SmolLM2-135M-Instruct (v0) with the shipped suites at GATE
   - refusal, 32 tokens (~140 characters, most of the judge's 160-character window): refusals
     announce themselves in the opening words; the judge's verdict on all 56 responses was the same
     for every prefix from 8 to 64 tokens.
-  - IFEval, 128 tokens: the shipped prompts ask for short answers; v0's answers have a median of
-    ~27 tokens and 6 of 32 reach 128. Strict accuracy 9/32 at caps 96-160, 10/32 at 192-256: what
-    a cap makes harder is writing out long structures (detectable_format:multiple_sections,
-    number_highlighted_sections below ~96 tokens, length_constraints, postscripts and end phrases
-    in long answers).
+  - IFEval, 96 tokens (was 128): the shipped prompts ask for short answers; v0's answers have a
+    median of ~27 tokens, 9 of 32 reach 96 (6 reach 128). v0's strict accuracy is 8/32 at caps
+    48-80, 9/32 at 96-160 (the same items), 10/32 at 192-256. What a cap makes harder is writing out
+    long structures: detectable_format:multiple_sections (lost below 192),
+    number_highlighted_sections (lost below 96), and in long answers length_constraints:* (number of
+    words/paragraphs), detectable_content:postscript and startend:end_checker, which need the
+    answer's end. A candidate whose answers grow longer than its parent's loses on those items.
   - a task answer needs little more than its longest reference (estimated from its characters;
     `contains` may find the reference later in a longer answer, so it gets the cap).
 Rows stop at their end-of-turn token (see HFGenerator.greedy), so a cap costs only for the answers
@@ -40,7 +42,7 @@ TaskEval = tuple[Metric, Sequence[Example]]
 class EvalConfig(BaseModel):
     task_max_new_tokens: int = 64
     refusal_max_new_tokens: int = 32
-    ifeval_max_new_tokens: int = 128
+    ifeval_max_new_tokens: int = 96
     failures_kept: int = 3  # responses kept per part for reading (the ones that scored badly)
 
 
