@@ -56,7 +56,8 @@ class SwapRecord:
     error: str | None = None
     lock_wait_s: float = 0.0
     drain_s: float = 0.0  # summed over replicas
-    reload_s: float = 0.0  # pause + reload + resume, summed over replicas
+    pause_s: float = 0.0  # waiting for the engine's running step to end, summed over replicas
+    reload_s: float = 0.0  # reload + resume, summed over replicas
     roll_s: float = 0.0  # first replica out of rotation to last one back
     at: float = field(default_factory=time.time)
 
@@ -64,6 +65,7 @@ class SwapRecord:
 @dataclass
 class RollTimes:
     drain_s: float = 0.0
+    pause_s: float = 0.0
     reload_s: float = 0.0
 
 
@@ -131,7 +133,7 @@ class ServingModel:
                 self.version, self.model_dir = version, model_dir
             stall = rolled if len(self.pool) == 1 else 0.0
             return self._record(SwapRecord(version, previous, error is None, fetched - started, stall, error,
-                                           locked - fetched, times.drain_s, times.reload_s, rolled))
+                                           locked - fetched, times.drain_s, times.pause_s, times.reload_s, rolled))
 
     async def _roll(self, version: str, model_dir: Path, times: RollTimes) -> str | None:
         """Swap the replicas one at a time; on a failure, put the swapped ones back on the old version."""
@@ -161,6 +163,7 @@ class ServingModel:
                         replica.index, replica.in_flight, DRAIN_TIMEOUT_S)
         drained = time.monotonic()
         await replica.engine.pause()
+        paused = time.monotonic()
         try:
             await replica.engine.reload(model_dir)
             replica.version, replica.model_dir = version, model_dir
@@ -171,7 +174,8 @@ class ServingModel:
             await replica.engine.resume()
             self.pool.put_back(replica)
             times.drain_s += drained - started
-            times.reload_s += time.monotonic() - drained
+            times.pause_s += paused - drained
+            times.reload_s += time.monotonic() - paused
 
     @asynccontextmanager
     async def _fleet_lock(self):
@@ -198,9 +202,9 @@ class ServingModel:
         if record.ok:
             metrics.SWAP_SECONDS.observe(record.fetch_s + record.lock_wait_s + record.roll_s)
             metrics.set_serving_version(record.version)
-            log.info("now serving %s (fetch %.2fs, stall %.3fs, lock wait %.3fs, drain %.3fs, reload %.3fs, "
-                     "%d replicas)", record.version, record.fetch_s, record.stall_s, record.lock_wait_s,
-                     record.drain_s, record.reload_s, len(self.pool))
+            log.info("now serving %s (fetch %.2fs, stall %.3fs, lock wait %.3fs, drain %.3fs, pause %.3fs, "
+                     "reload %.3fs, %d replicas)", record.version, record.fetch_s, record.stall_s, record.lock_wait_s,
+                     record.drain_s, record.pause_s, record.reload_s, len(self.pool))
         else:
             self.refused.add(record.version)
             log.error("swap to %s failed, still serving %s: %s", record.version, self.version, record.error)

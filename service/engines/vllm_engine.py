@@ -29,6 +29,9 @@ class VLLMEngine:
         self.tensor_parallel_size = tensor_parallel_size
         self.gpu_memory_utilization = gpu_memory_utilization  # ignored by the CPU backend
         self.llm = None
+        # Salts the prefix cache per weights load: a block computed by earlier weights is never reused,
+        # even when the cache reset after a reload cannot free the blocks of requests still in flight.
+        self.weights_load = 0
 
     async def start(self, model_dir: Path) -> None:
         import os
@@ -54,7 +57,8 @@ class VLLMEngine:
             stop=options.stop or None, seed=options.seed,
         )
         sent = 0
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=request_id):
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=str(self.weights_load))
+        async for out in self.llm.generate(prompt, params, request_id=request_id):
             completion = out.outputs[0]
             delta = completion.text[sent:]
             sent = len(completion.text)
@@ -68,8 +72,9 @@ class VLLMEngine:
         await self.llm.pause_generation(mode=self.pause_mode, clear_cache=False)
 
     async def reload(self, model_dir: Path) -> None:
+        self.weights_load += 1
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-        await self.llm.reset_prefix_cache()  # cached prefixes were computed by the old weights
+        await self.llm.reset_prefix_cache()  # frees the old weights' cached blocks, unless requests still hold them
 
     async def resume(self) -> None:
         await self.llm.resume_generation()
