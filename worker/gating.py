@@ -81,7 +81,7 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
         thresholds, overrides)
     save_scores(ctx, parent, parent_scores)
     save_scores(ctx, candidate, candidate_scores)
-    return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds}
+    return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds, "work": candidate_scores.work}
 
 
 def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, new_task_id: str,
