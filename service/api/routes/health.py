@@ -29,7 +29,8 @@ async def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: S
     except Exception as err:
         checks["redis"] = False
         checks["redis_error"] = str(err)
-    ready = checks["redis"] and serving.ready
+    # Not admitting (the only replica is mid-swap): 503, so a load balancer sends new requests elsewhere.
+    ready = checks["redis"] and serving.ready and serving.pool.admitting
     response.status_code = 200 if ready else 503
     return {"ready": ready, **checks}
 
