@@ -92,13 +92,9 @@ class SubspaceConstraint:
         return list(self._trainable)
 
     def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-        projectors = {self.targets[name].weight: projector for name, projector in self.projectors.items()}
-        return ProjectedAdamW(self.trainable_parameters(), projectors, lr=learning_rate,
-                              weight_decay=weight_decay, betas=ADAM_BETAS)
+        return projected_adamw(self, learning_rate, weight_decay)
 
     def report(self) -> dict:
-        spent = [name for name, plan in self.plans.items() if plan.spent]
-        total_m = sum(plan.m for plan in self.plans.values())
         return {
             "method": "osft",
             "registry_hit": self.registry_hit,
@@ -106,8 +102,24 @@ class SubspaceConstraint:
             "adaptive_ranks": self.config.adaptive_ranks,
             "task_memory": self.config.task_memory,
             "tasks_absorbed": len(self.parent_tasks),
-            "protected_fraction": round(sum(plan.k for plan in self.plans.values()) / total_m, 4),
-            "trainable_matrices": len(self.plans) - len(spent),
-            "spent_matrices": spent,
-            "matrices": {name: asdict(plan) for name, plan in self.plans.items()},
+            **capacity_report(self.plans),
         }
+
+
+def projected_adamw(constraint, learning_rate: float, weight_decay: float) -> ProjectedAdamW:
+    """The optimizer of a constraint with `targets`, `projectors` (by matrix name) and trainable parameters."""
+    projectors = {constraint.targets[name].weight: p for name, p in constraint.projectors.items()}
+    return ProjectedAdamW(constraint.trainable_parameters(), projectors, lr=learning_rate,
+                          weight_decay=weight_decay, betas=ADAM_BETAS)
+
+
+def capacity_report(plans: dict[str, MatrixPlan]) -> dict:
+    """How much is protected overall, which matrices still train, and each matrix's plan."""
+    spent = [name for name, plan in plans.items() if plan.spent]
+    total_m = sum(plan.m for plan in plans.values())
+    return {
+        "protected_fraction": round(sum(plan.k for plan in plans.values()) / total_m, 4),
+        "trainable_matrices": len(plans) - len(spent),
+        "spent_matrices": spent,
+        "matrices": {name: asdict(plan) for name, plan in plans.items()},
+    }

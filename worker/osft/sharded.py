@@ -22,17 +22,13 @@ No full weight is gathered during training; at setup each one is gathered once, 
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from worker.osft.config import OSFTConfig
-from worker.osft.constraint import MatrixPlan
-from worker.osft.optimizer import ProjectedAdamW
+from worker.osft.constraint import MatrixPlan, capacity_report, projected_adamw
 from worker.osft.subspace import Bases, unfreeze_extras
-from worker.training.loop import ADAM_BETAS
 
 
 def local_rows(weight: DTensor) -> slice:
@@ -158,21 +154,14 @@ class ShardedSubspaceConstraint:
     def make_optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
         """AdamW stepping one matrix at a time and projecting its step; parameters are stepped in the
         same order on every rank, so the projections' collectives line up."""
-        projectors = {self.targets[name].weight: projector for name, projector in self.projectors.items()}
-        return ProjectedAdamW(self.trainable_parameters(), projectors, lr=learning_rate,
-                              weight_decay=weight_decay, betas=ADAM_BETAS)
+        return projected_adamw(self, learning_rate, weight_decay)
 
     def report(self) -> dict:
-        spent = [name for name, plan in self.plans.items() if plan.spent]
-        total_m = sum(plan.m for plan in self.plans.values())
         return {
             "method": "osft",
             "sharded": True,
             "right_bases_sharded": any(p.shard_right for p in self.projectors.values()),
-            "protected_fraction": round(sum(plan.k for plan in self.plans.values()) / total_m, 4),
-            "trainable_matrices": len(self.plans) - len(spent),
-            "spent_matrices": spent,
-            "matrices": {name: asdict(plan) for name, plan in self.plans.items()},
+            **capacity_report(self.plans),
         }
 
 
