@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     default_learning_rate: dict[str, float] = Field(default_factory=lambda: {"osft": 3e-4, "full": 5e-5})
     default_batch_size: int = 8
     default_max_seq_len: int = 256
-    train_threads: int = 0  # 0: torch default; 1 is much faster when other processes share the cores
+    # Torch threads for training and gating. 0: auto, 1 on machines with at most 4 cores (the gateway's
+    # engine shares them; 1 thread measured ~3x faster than 2 there), else torch's default.
+    train_threads: int = 0
     # bf16 autocast in training: None = only where the hardware has fast bf16 (CUDA, AVX-512 BF16/AMX CPUs);
     # on an AVX2-only CPU a bf16 linear is several times slower than fp32.
     train_bf16: bool | None = None

@@ -8,6 +8,7 @@ once, and the lineage lock, so jobs build on each other one at a time and the li
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -43,7 +44,7 @@ def _logging(**_) -> None:
 
 @worker_ready.connect
 def _at_start(**_) -> None:
-    threads = get_settings().train_threads
+    threads = get_settings().train_threads or (1 if (os.cpu_count() or 1) <= 4 else 0)
     if threads > 0:
         torch.set_num_threads(threads)
     recover_orphans(context())
