@@ -139,5 +139,4 @@ def _grow_memories(model, targets, bases: dict[str, Bases], parent_memory: dict,
     """Attach to each matrix's bases the parent's task memory grown by this task's inputs."""
     covariances = input_covariances(model, {name: targets[name] for name in bases}, batches)
     for name, b in bases.items():
-        b.memory = grow_memory(parent_memory.get(name), covariances[name], config.memory_energy,
-                               config.max_memory_ratio)
+        b.memory = grow_memory(parent_memory.get(name), covariances[name], config.memory_energy)

@@ -27,15 +27,17 @@ class OSFTConfig:
     # Task memory (worker/osft/memory.py): also keep updates off the input directions of earlier tasks.
     task_memory: bool = True
     memory_energy: float = 0.97  # share of each task's input energy its memory must cover
-    max_memory_ratio: float = 0.5  # at most this fraction of a matrix's input dimension is memory
+    # At most this share of the input directions the top-k rule leaves trainable goes to the memory
+    # (oldest tasks first), so every new task keeps room to learn.
+    memory_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.min_protected_ratio <= self.mean_protected_ratio <= self.max_protected_ratio:
             raise ValueError("protected ratios need min <= mean <= max")
         if not 0 < self.remainder_decay <= 1:
             raise ValueError("remainder_decay must be in (0, 1]")
-        if not (0 <= self.memory_energy <= 1 and 0 <= self.max_memory_ratio <= 1):
-            raise ValueError("memory_energy and max_memory_ratio must be in [0, 1]")
+        if not (0 <= self.memory_energy <= 1 and 0 <= self.memory_share <= 1):
+            raise ValueError("memory_energy and memory_share must be in [0, 1]")
         re.compile(self.target_pattern)
 
     @classmethod

@@ -81,7 +81,7 @@ class SubspaceConstraint:
                 continue
             if plan.k > 0:
                 memory = bases[name].memory if config.task_memory else None
-                self.projectors[name] = Projector(module.weight, bases[name], plan.k, memory)
+                self.projectors[name] = Projector(module.weight, bases[name], plan.k, memory, config.memory_share)
                 plan.memory_rank = self.projectors[name].memory_rank
                 self.memory[name] = memory
             module.weight.requires_grad_(True)

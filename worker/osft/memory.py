@@ -11,7 +11,10 @@ output on that task unchanged. The right-side protected basis of the next job is
 
 The memory of a version is the parent's memory plus the fewest new directions (eigenvectors of
 the new task's input covariance, outside the memory) that bring the share of that task's input
-energy inside the memory to `memory_energy`, capped at `max_memory_ratio` of the input dimension.
+energy inside the memory to `memory_energy`. The projector protects at most `memory_share` of the
+directions the top-k rule leaves trainable for it (the oldest tasks' first): a first version
+capped the memory at half the input dimension, and on bench-forgetting the memory then filled the
+whole trainable complement of every 576-wide input by the third task, which learned nothing.
 """
 
 from __future__ import annotations
@@ -47,14 +50,13 @@ def input_covariances(
     return covariances
 
 
-def grow_memory(memory: torch.Tensor | None, covariance: torch.Tensor, energy: float,
-                max_ratio: float) -> torch.Tensor:
+def grow_memory(memory: torch.Tensor | None, covariance: torch.Tensor, energy: float) -> torch.Tensor:
     """The parent's memory (in × r, orthonormal columns) plus the new task's uncovered directions."""
     dim = covariance.shape[0]
     if memory is None:
         memory = covariance.new_zeros(dim, 0)
     total = float(covariance.trace())
-    room = int(max_ratio * dim) - memory.shape[1]
+    room = dim - memory.shape[1]
     if total <= 0 or room <= 0:
         return memory
     covered = float((memory.T @ covariance @ memory).trace())

@@ -40,13 +40,17 @@ class Side:
 
     @classmethod
     def from_svd(cls, singular_vectors: torch.Tensor, k: int, complement_exists: bool,
-                 memory: torch.Tensor | None = None) -> Side:
-        """Protect the top-k singular vectors, plus the span of `memory` (see worker/osft/memory.py)."""
+                 memory: torch.Tensor | None = None, memory_share: float = 1.0) -> Side:
+        """Protect the top-k singular vectors, plus the span of `memory` (see worker/osft/memory.py),
+        of which at most `memory_share` of the directions left trainable by the top k."""
         protected = singular_vectors[:, :k]
         complement = singular_vectors[:, k:] if complement_exists else None
         if memory is None or memory.shape[1] == 0:
             return cls(protected, complement)
-        extra = orthonormal_union(protected, memory)[:, k:]
+        limit = int(memory_share * (singular_vectors.shape[0] - k))
+        extra = orthonormal_union(protected, memory)[:, k:k + limit]
+        if extra.shape[1] == 0:
+            return cls(protected, complement)
         if complement is not None:  # extra ⊥ the top k, so it lies inside the complement's span
             complement = _remove_span(complement, extra)
         return cls(torch.cat([protected, extra], dim=1), complement)
@@ -81,14 +85,16 @@ class Projector:
     """The constraint for one weight (out × in) with protected rank k, 0 < k < m, and on the input
     side also the task memory's directions (worker/osft/memory.py)."""
 
-    def __init__(self, weight: torch.Tensor, bases: Bases, k: int, memory: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bases: Bases, k: int, memory: torch.Tensor | None = None,
+                 memory_share: float = 1.0):
         if weight.dtype != torch.float32:
             raise ValueError(f"the constraint needs fp32 master weights, got {weight.dtype}")
         out_features, in_features = weight.shape
         m = bases.S.numel()
         self.k = k
         self.left = Side.from_svd(bases.U, k, complement_exists=out_features == m)
-        self.right = Side.from_svd(bases.Vh.T, k, complement_exists=in_features == m, memory=memory)
+        self.right = Side.from_svd(bases.Vh.T, k, complement_exists=in_features == m, memory=memory,
+                                   memory_share=memory_share)
         self.memory_rank = self.right.protected_rank(in_features) - k
 
     @torch.no_grad()
