@@ -125,8 +125,8 @@ def record_version(
     svd_s = time.monotonic() - started
     if memory_batches and constraint.config.task_memory:
         _grow_memories(model, targets, bases, getattr(constraint, "memory", {}), memory_batches, constraint.config)
-        for name, b in bases.items():
-            matrices[name]["memory_rank"] = b.memory.shape[1]
+        for name, b in bases.items():  # stored; the next job protects up to `memory_share` of them
+            matrices[name]["memory_directions"] = b.memory.shape[1]
     uri = registry.store_bases(version, bases)
     record = {"version": version, "parent_version": parent_version,
               "tasks": [*constraint.parent_tasks, task_id], "bases_uri": uri,

@@ -5,7 +5,7 @@ Redis holds one JSON record per version under `sculptor:registry:version:<versio
 
     {"version", "parent_version", "tasks": [task ids that shaped this version, oldest first],
      "created_at", "bases_uri": object-store URI or null,
-     "matrices": {name: {"m", "k", "importance", "protected_ratio", "spent"}}}
+     "matrices": {name: {"m", "k", "importance", "protected_ratio", "spent", "memory_directions"}}}
 
 `k` is the rank protected when this version was trained: the floor for every later job.
 The object store holds the bases: one safetensors file per version with the reduced SVD
@@ -98,7 +98,7 @@ class SubspaceRegistry:
             totals = layers.setdefault("other" if index is None else str(index), [0, 0, 0])
             totals[0] += matrix["k"]
             totals[1] += matrix["m"]
-            totals[2] += matrix.get("memory_rank", 0)
+            totals[2] += matrix.get("memory_directions", 0)
         protected = sum(k for k, _, _ in layers.values()) / max(1, sum(m for _, m, _ in layers.values()))
         return {
             "version": version,
