@@ -15,7 +15,7 @@ paper's rule alone), osft-uniform (task memory, uniform ratios), full, peft-osf.
 Writes bench/results/<name>.json (after every method) and one heatmap PNG per method.
 
     .venv/bin/python bench/bench_forgetting.py [--tasks 4] [--keys 16] [--epochs 8]
-        [--methods full,osft,osft-nomemory,osft-uniform] [--lr osft=1.5e-3,full=2e-4]
+        [--methods full,osft,osft-nomemory,osft-uniform] [--lr osft=3e-3,full=2e-4]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ TASK_FORMATS = [
     ("What is the launch code of silo {}?", [f"S{n}" for n in range(11, 27)],
      lambda r: "-".join(str(r.randint(0, 9)) for _ in range(3))),
 ]
-DEFAULT_LR = {"osft": 1.5e-3, "osft-nomemory": 1.5e-3, "osft-uniform": 1.5e-3, "full": 2e-4, "peft-osf": 3e-4}
+DEFAULT_LR = {"osft": 3e-3, "osft-nomemory": 3e-3, "osft-uniform": 3e-3, "full": 2e-4, "peft-osf": 3e-4}
 
 
 def _word(rng: random.Random) -> str:
