@@ -13,8 +13,9 @@ The memory of a version is the parent's memory plus the fewest new directions (e
 the new task's input covariance, outside the memory) that bring the share of that task's input
 energy inside the memory to `memory_energy`. The projector protects at most `memory_share` of the
 directions the top-k rule leaves trainable for it (the oldest tasks' first): a first version
-capped the memory at half the input dimension, and on bench-forgetting the memory then filled the
-whole trainable complement of every 576-wide input by the third task, which learned nothing.
+capped the memory at half the input dimension instead, which can cover the whole trainable
+complement of a 576-wide input (k ≈ 0.8 m leaves ~115 directions); on bench-forgetting the third
+and fourth tasks then learned 19 % and 0 %.
 """
 
 from __future__ import annotations
