@@ -6,10 +6,12 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from sculptor import checkpoints
 from sculptor.bootstrap import ensure_initial_version
 from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.redis_server import free_port
+from sculptor.tiny_model import build_tiny_model
 from service.app import create_app
 
 
@@ -36,3 +38,11 @@ def running_gateway(settings: Settings):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def context_with_two_versions(root, redis_url) -> Context:
+    """A context whose object store holds v0 and v1: tiny random Llamas of seeds 0 and 1 (built under root)."""
+    context = Context.from_settings(Settings(var_dir=root / "var", redis_url=redis_url, engine_max_model_len=512))
+    for version, seed in (("v0", 0), ("v1", 1)):
+        checkpoints.publish_dir(context.store, build_tiny_model(root / version, seed=seed), version)
+    return context

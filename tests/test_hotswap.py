@@ -10,10 +10,9 @@ import asyncio
 import os
 
 import pytest
+from gateway_helpers import context_with_two_versions
 
 from sculptor import checkpoints
-from sculptor.config import Settings
-from sculptor.context import Context
 from sculptor.tiny_model import build_tiny_model
 from service.engines.base import SamplingOptions
 from service.engines.vllm_engine import VLLMEngine
@@ -30,9 +29,7 @@ GREEDY = SamplingOptions(max_tokens=12, temperature=0.0)
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, redis_url):
     root = tmp_path_factory.mktemp("swap")
-    context = Context.from_settings(Settings(var_dir=root / "var", redis_url=redis_url, engine_max_model_len=512))
-    for version, seed in (("v0", 0), ("v1", 1)):
-        checkpoints.publish_dir(context.store, build_tiny_model(root / version, seed=seed), version)
+    context = context_with_two_versions(root, redis_url)
     wrong = build_tiny_model(root / "wrong-shape", seed=2, num_layers=1, intermediate_size=384)
     checkpoints.publish_dir(context.store, wrong, "v-wrong-shape")
     checkpoints.publish_dir(context.store, root / "v1", "v-corrupt")

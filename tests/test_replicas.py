@@ -13,14 +13,12 @@ import threading
 import time
 
 import pytest
+from gateway_helpers import context_with_two_versions
 
-from sculptor import checkpoints
-from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.locks import held_lock
 from sculptor.records import connect
 from sculptor.redis_server import free_port
-from sculptor.tiny_model import build_tiny_model
 from service.engines.base import SamplingOptions
 from service.engines.hf_engine import TransformersEngine
 from service.engines.vllm_engine import VLLMEngine
@@ -37,11 +35,7 @@ GREEDY = SamplingOptions(max_tokens=24, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, redis_url):
-    root = tmp_path_factory.mktemp("replicas")
-    context = Context.from_settings(Settings(var_dir=root / "var", redis_url=redis_url, engine_max_model_len=512))
-    for version, seed in (("v0", 0), ("v1", 1)):
-        checkpoints.publish_dir(context.store, build_tiny_model(root / version, seed=seed), version)
-    return context
+    return context_with_two_versions(tmp_path_factory.mktemp("replicas"), redis_url)
 
 
 @pytest.fixture(scope="module")

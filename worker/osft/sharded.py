@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from worker.osft.config import OSFTConfig
 from worker.osft.constraint import MatrixPlan, capacity_report, projected_adamw
+from worker.osft.projector import Side
 from worker.osft.subspace import Bases, unfreeze_extras
 
 
@@ -43,20 +44,6 @@ def local_rows(weight: DTensor) -> slice:
     if weight.to_local().shape[0] != stop - start:
         raise RuntimeError(f"local shard has {weight.to_local().shape[0]} rows, expected {stop - start}")
     return slice(start, stop)
-
-
-class Side:
-    """One side's projector I − P on this rank: the protected basis B (I − P = I − BBᵀ) or its complement
-    Q (I − P = QQᵀ), whichever has fewer columns (the rule of worker.osft.projector)."""
-
-    def __init__(self, singular_vectors: torch.Tensor, k: int, complement_exists: bool):
-        m = singular_vectors.shape[1]
-        self.complement = complement_exists and m - k < k
-        columns = singular_vectors[:, k:] if self.complement else singular_vectors[:, :k]
-        self.basis = columns.contiguous().clone()
-
-    def numel(self) -> int:
-        return self.basis.numel()
 
 
 class ShardedProjector:
@@ -79,8 +66,10 @@ class ShardedProjector:
         self.k = k
         self.group = weight.device_mesh.get_group()
         device = local.device
-        self.left = Side(bases.U[rows].to(device), k, complement_exists=out_features == m)
-        self.right = Side(bases.Vh.T.to(device), k, complement_exists=in_features == m)
+        # Each side keeps the protected basis or its complement, whichever is smaller (projector.Side);
+        # the left one holds only this rank's rows.
+        self.left = Side.from_svd(bases.U[rows].to(device), k, complement_exists=out_features == m)
+        self.right = Side.from_svd(bases.Vh.T.to(device), k, complement_exists=in_features == m)
         self.in_features = in_features
         if shard_right:
             self.right.basis = _padded_row_chunk(self.right.basis, self.group)
