@@ -17,6 +17,9 @@ import torch
 from service.engines.base import Chunk, SamplingOptions
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -67,7 +70,8 @@ class TransformersEngine:
         try:
             if options.seed is not None:
                 torch.manual_seed(options.seed)
-            sample = options.temperature > 0
+            # As vLLM does: a temperature this close to 0 is greedy (dividing logits by 5e-324 gives inf).
+            sample = options.temperature >= GREEDY_BELOW_TEMPERATURE
             with torch.no_grad():
                 out = self.model.generate(
                     torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
