@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,12 +102,13 @@ class Learner:
         if self.method == "peft-osf":
             return self._learn_peft(batches, lr, steps_per_epoch)
         from sculptor.datasets import Hyperparameters
-        from worker.osft import build_constraint, record_version
+        from worker.osft import OSFTConfig, build_constraint, record_version
 
         hp = Hyperparameters(method="full" if self.method == "full" else "osft",
                              adaptive_ranks=self.method != "osft-uniform",
                              task_memory=self.method != "osft-nomemory", memory_energy=self.args.memory_energy)
-        constraint = build_constraint(self.model, hp, self.version, self.registry, batches[:4])
+        config = replace(OSFTConfig.from_hyperparameters(hp), **self.args.osft_overrides)
+        constraint = build_constraint(self.model, hp, self.version, self.registry, batches[:4], config=config)
         result = train(self.model, batches, constraint, lr, steps_per_epoch, bf16_autocast=self.args.bf16)
         version = f"{self.method}-v{task_index + 1}"
         if self.method == "full":  # plain fine-tuning reads nothing from the registry: skip the SVD
@@ -205,12 +207,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", default="full,osft,osft-nomemory,osft-uniform")
     parser.add_argument("--memory-energy", type=float, default=None, help="task memory energy (default: OSFTConfig's)")
+    parser.add_argument("--remainder-decay", type=float, default=None, help="OSFTConfig.remainder_decay override")
+    parser.add_argument("--memory-share", type=float, default=None, help="OSFTConfig.memory_share override")
     parser.add_argument("--lr", type=parse_lr, default={}, help="per-method learning rates, e.g. osft=3e-4,full=1e-4")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slow on CPUs without AVX-512 BF16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--name", default="bench_forgetting")
     args = parser.parse_args()
+    args.osft_overrides = {key: value for key, value in
+                           {"remainder_decay": args.remainder_decay, "memory_share": args.memory_share}.items()
+                           if value is not None}
 
     import redis
 
@@ -224,7 +231,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tasks = make_tasks(args.tasks, args.keys, args.seed)
     results = {}
-    config = {key: value for key, value in vars(args).items() if key != "lr"}
+    config = {key: value for key, value in vars(args).items() if key not in ("lr", "osft_overrides")}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = redis_server.start_redis(Path(tmp) / "redis")
         try:

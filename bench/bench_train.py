@@ -1,7 +1,7 @@
 """Training cost of the SVD-constrained method against plain full fine-tuning and PEFT's OSF.
 
 Each method runs in its own subprocess (so peak RSS is its own) on SmolLM2-135M with the same
-batch (8 × 64 tokens) and the same target matrices and protected rank (uniform ratio, so PEFT's
+batch (by default the service's: 8 × 256 tokens) and the same target matrices and protected rank (uniform ratio, so PEFT's
 `effective_rank` can match it): median step time after warmup, peak RSS, one-off SVD time,
 registry load time. Each run also times its optimizer step (for the constrained method: AdamW plus
 the projection), which gives an overhead ratio less exposed to other processes sharing the CPU.
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--ratio", type=float, default=0.75, help="protected ratio k/m for osft and PEFT OSF")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256, help="default: the service's default_max_seq_len")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slow on CPUs without AVX-512 BF16)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -28,7 +28,7 @@ class OSFTConfig:
     task_memory: bool = True
     memory_energy: float = 0.97  # share of each task's input energy its memory must cover
     # At most this share of the input directions the top-k rule leaves trainable goes to the memory
-    # (oldest tasks first), so every new task keeps room to learn.
+    # (its strongest directions), so every new task keeps room to learn.
     memory_share: float = 0.5
 
     def __post_init__(self) -> None:

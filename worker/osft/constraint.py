@@ -119,6 +119,7 @@ def capacity_report(plans: dict[str, MatrixPlan]) -> dict:
     total_m = sum(plan.m for plan in plans.values())
     return {
         "protected_fraction": round(sum(plan.k for plan in plans.values()) / total_m, 4),
+        "memory_fraction": round(sum(plan.memory_rank for plan in plans.values()) / total_m, 4),
         "trainable_matrices": len(plans) - len(spent),
         "spent_matrices": spent,
         "matrices": {name: asdict(plan) for name, plan in plans.items()},

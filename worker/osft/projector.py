@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.osft.memory import orthonormal_union
+from worker.osft.memory import protected_directions
 from worker.osft.subspace import Bases
 
 
@@ -41,14 +41,14 @@ class Side:
     @classmethod
     def from_svd(cls, singular_vectors: torch.Tensor, k: int, complement_exists: bool,
                  memory: torch.Tensor | None = None, memory_share: float = 1.0) -> Side:
-        """Protect the top-k singular vectors, plus the span of `memory` (see worker/osft/memory.py),
-        of which at most `memory_share` of the directions left trainable by the top k."""
+        """Protect the top-k singular vectors, plus the task memory's strongest directions outside them
+        (worker/osft/memory.py): at most `memory_share` of the directions the top k leave trainable."""
         protected = singular_vectors[:, :k]
         complement = singular_vectors[:, k:] if complement_exists else None
         if memory is None or memory.shape[1] == 0:
             return cls(protected, complement)
         limit = int(memory_share * (singular_vectors.shape[0] - k))
-        extra = orthonormal_union(protected, memory)[:, k:k + limit]
+        extra = protected_directions(memory, protected, limit)
         if extra.shape[1] == 0:
             return cls(protected, complement)
         if complement is not None:  # extra ⊥ the top k, so it lies inside the complement's span
