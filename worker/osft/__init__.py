@@ -125,7 +125,7 @@ def record_version(
     svd_s = time.monotonic() - started
     if memory_batches and constraint.config.task_memory:
         _grow_memories(model, targets, bases, getattr(constraint, "memory", {}), memory_batches, constraint.config)
-        for name, b in bases.items():  # stored; the next job protects up to `memory_share` of them
+        for name, b in bases.items():  # stored whole; the next job protects its strongest (Side.from_svd)
             matrices[name]["memory_directions"] = b.memory.shape[1]
     uri = registry.store_bases(version, bases)
     record = {"version": version, "parent_version": parent_version,

@@ -77,14 +77,21 @@ def protected_directions(memory: torch.Tensor, protected: torch.Tensor, limit: i
     (orthonormal columns)."""
     outside = memory - protected @ (protected.T @ memory)
     outside = outside - protected @ (protected.T @ outside)  # twice: Gram-Schmidt re-orthogonalisation
-    directions = _compress(outside)[:, :limit]
-    return directions / directions.norm(dim=0)
+    directions, _ = _principal_directions(outside)
+    return directions[:, :limit]
 
 
 def _compress(factor: torch.Tensor) -> torch.Tensor:
     """Orthogonal columns with the same F Fᵀ, by decreasing norm, dust dropped."""
+    directions, norms = _principal_directions(factor)
+    return directions * norms
+
+
+def _principal_directions(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal directions of span(factor) by decreasing energy, and the norm of factor along each;
+    dust dropped."""
     if factor.shape[1] == 0:
-        return factor
+        return factor, factor.new_zeros(0)
     left, singular, _ = torch.linalg.svd(factor, full_matrices=False)
     keep = singular.square() > NEGLIGIBLE_ENERGY * float(singular.square().sum())
-    return left[:, keep] * singular[keep]
+    return left[:, keep], singular[keep]
