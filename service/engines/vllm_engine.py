@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import AsyncIterator
 
+from service.engines.amx import check_engine_settings
 from service.engines.base import Chunk, SamplingOptions
 
 
@@ -38,7 +39,11 @@ class VLLMEngine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # read by the CPU backend only
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.is_cpu():
+            check_engine_settings(self.dtype)  # refuses, with the fix, what would SIGILL on the first request
 
         args = AsyncEngineArgs(
             model=str(model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
