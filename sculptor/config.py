@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     job_order_wait_s: float = 600.0  # how long a job waits for older jobs held by other workers
     job_max_attempts: int = 2  # a job whose worker died is retried from the start up to this many runs
     recovery_interval_s: float = 15.0  # how often the gateway looks for jobs that lost their worker
+    worker_heartbeat_ttl_s: int = Field(10, ge=1)  # a worker that stops renewing its key is gone after this
+
+    # `make run` supervision: a dead worker or embedded Redis is restarted after a doubling backoff
+    # (from restart_backoff_s up to 30 s); after restart_max restarts within restart_window_s the launcher
+    # gives up on that child and the gateway keeps serving without it.
+    restart_backoff_s: float = Field(1.0, gt=0)
+    restart_max: int = Field(5, ge=0)
+    restart_window_s: float = Field(300.0, gt=0)
 
     @property
     def data_dir(self) -> Path:

@@ -13,13 +13,14 @@ import time
 
 import torch
 
-from celery.signals import setup_logging, worker_ready
+from celery.signals import setup_logging, worker_ready, worker_shutdown
 
 from sculptor import logs
 from sculptor.config import get_settings
 from sculptor.context import Context
 from sculptor.records import JobRecord
 from sculptor.webhooks import announce
+from sculptor.worker_heartbeat import start_heartbeat
 from sculptor.locks import LockBusy, held_lock
 from worker import pipeline
 from worker.celery_app import TRAIN_TASK, app
@@ -42,12 +43,24 @@ def _logging(**_) -> None:
     logs.setup(get_settings())
 
 
+_heartbeat_stop = None
+
+
 @worker_ready.connect
-def _at_start(**_) -> None:
+def _at_start(sender=None, **_) -> None:
+    global _heartbeat_stop
     threads = get_settings().train_threads or (1 if (os.cpu_count() or 1) <= 4 else 0)
     if threads > 0:
         torch.set_num_threads(threads)
+    name = getattr(sender, "hostname", None) or f"pid-{os.getpid()}"
+    _heartbeat_stop = start_heartbeat(context().redis, name, get_settings().worker_heartbeat_ttl_s)
     recover_orphans(context())
+
+
+@worker_shutdown.connect
+def _at_stop(**_) -> None:
+    if _heartbeat_stop is not None:
+        _heartbeat_stop.set()
 
 
 def wait_for_older_jobs(ctx: Context, job: JobRecord, poll_s: float = 0.2) -> None:

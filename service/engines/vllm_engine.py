@@ -50,6 +50,7 @@ class VLLMEngine:
             max_num_seqs=self.max_num_seqs, enforce_eager=self.enforce_eager, disable_log_stats=True,
             seed=0, tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
+            worker_extension_cls="service.engines.vllm_worker.SculptorWorkerExtension",
         )
         self.llm = AsyncLLM.from_engine_args(args)
 
@@ -78,7 +79,7 @@ class VLLMEngine:
 
     async def reload(self, model_dir: Path) -> None:
         self.weights_load += 1
-        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        await self.llm.collective_rpc("reload_checkpoint", kwargs={"weights_path": str(model_dir)})
         await self.llm.reset_prefix_cache()  # frees the old weights' cached blocks, unless requests still hold them
 
     async def resume(self) -> None:

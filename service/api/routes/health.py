@@ -8,6 +8,7 @@ import asyncio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sculptor.context import Context
+from sculptor.worker_heartbeat import alive_workers
 from service import metrics
 from service.api.deps import get_ctx, get_serving
 from service.hotswap import ServingModel
@@ -26,6 +27,8 @@ async def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: S
               "admitting": serving.pool.admitting, "replicas": serving.status()}
     try:
         checks["redis"] = bool(ctx.redis.ping())
+        # Training workers do not gate readiness (serving works without them), but their absence shows.
+        checks["training_workers"] = alive_workers(ctx.redis)
     except Exception as err:
         checks["redis"] = False
         checks["redis_error"] = str(err)
