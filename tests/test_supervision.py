@@ -52,7 +52,9 @@ def launcher_env(tmp_path: Path, model_dir: Path, port: int) -> dict:
 
 
 def worker_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(launcher.pid).children() if "worker.main" in " ".join(p.cmdline())]
+    """The launcher's Celery worker (Celery renames its process "[celeryd: ...]")."""
+    return [p for p in psutil.Process(launcher.pid).children()
+            if any(mark in " ".join(p.cmdline()) for mark in ("worker.main", "celeryd"))]
 
 
 def generate(client: httpx.Client) -> httpx.Response:
@@ -103,3 +105,27 @@ def test_killed_worker_is_restarted_while_the_gateway_keeps_serving(tmp_path, ti
             launcher.kill()
     text = log_path.read_text()
     assert "worker exited with code -9; restarting it in" in text, text[-3000:]
+
+
+def test_crash_loop_is_given_up_and_only_the_gateway_ends_the_stack(tmp_path, caplog):
+    from deploy.run import Child, Stack
+    from sculptor.config import Settings
+
+    stack = Stack(Settings(var_dir=tmp_path, restart_backoff_s=0.5, restart_max=3, restart_window_s=60))
+    starts = []
+
+    def crashing_worker():
+        starts.append(time.monotonic())
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    stack._add(Child("worker", crashing_worker, essential=False))
+    stack._add(Child("gateway", lambda: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(8)"]),
+                     essential=True))
+    with caplog.at_level("ERROR", logger="sculptor.run"):
+        assert stack.wait() == 1  # returns when the gateway exits, with a failing code even for its 0
+    worker = stack.children[0]
+    assert len(starts) == 4 and worker.given_up and worker.proc is None  # the first start and 3 restarts
+    delays = [line.split("restarting it in ")[1].split("s ")[0] for line in caplog.messages if "restarting it in" in line]
+    assert delays == ["0.5", "1.0", "2.0"]  # the backoff doubles
+    assert "worker exited with code 3 after 3 restarts within 60s: giving up on it" in caplog.text
+    assert "gateway exited with code 0; stopping the service" in caplog.text
