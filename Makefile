@@ -36,10 +36,10 @@ worker: venv
 	$(PY) -m worker.main
 
 test: venv chromium
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: venv
-	$(PY) -m pytest -q -ra -m "not e2e"
+	$(PY) -m pytest -q -ra --durations=15 -m "not e2e"
 
 # Headless Chromium for the dashboard test (Debian's package; the test fails without it).
 chromium:

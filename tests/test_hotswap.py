@@ -42,6 +42,20 @@ def serving(ctx, pause_mode: str = "keep") -> ServingModel:
     return ServingModel(ctx, VLLMEngine("bfloat16", 512, 8, enforce_eager=True, pause_mode=pause_mode))
 
 
+async def start_requests(model: ServingModel, prompts: list[str], options: list[SamplingOptions]):
+    """Open each request and wait for its first chunk: when this returns, every one is inside the engine."""
+    streams = [await open_stream(model, p, None, o) for p, o in zip(prompts, options)]
+    firsts = await asyncio.gather(*(anext(s.chunks) for s in streams))
+    return list(zip(streams, firsts))
+
+
+async def finish(stream, first) -> tuple[str, object]:
+    if first.finish_reason:
+        return first.text, first
+    text, last = await collect(stream)
+    return first.text + text, last
+
+
 async def greedy(model: ServingModel) -> list[str]:
     outs = []
     for p in PROMPTS:
@@ -63,12 +77,11 @@ def test_swap_matches_fresh_engine_and_rollback(ctx):
         assert fresh_v0 != fresh_v1  # two different random models: a swap must show
 
         # Requests in flight across the swap all complete.
-        in_flight = [asyncio.create_task(collect(await open_stream(
-            model, f"{p} {i}", None, SamplingOptions(max_tokens=48, temperature=0.8, seed=i))))
-            for i, p in enumerate(PROMPTS * 3)]
-        await asyncio.sleep(0.2)
+        started = await start_requests(model, [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)],
+                                       [SamplingOptions(max_tokens=48, temperature=0.8, seed=i) for i in range(9)])
+        assert sum(first.finish_reason is None for _, first in started) >= 5  # most are mid-generation
         record = await model.swap_to("v1")
-        results = await asyncio.gather(*in_flight)
+        results = await asyncio.gather(*(finish(*s) for s in started))
         assert record.ok and model.version == "v1"
         assert all(last.finish_reason in ("stop", "length") for _, last in results)
 
@@ -98,8 +111,9 @@ def test_swap_matches_fresh_engine_and_rollback(ctx):
         long = SamplingOptions(max_tokens=48, temperature=0.0)
         expected = [(await collect(await open_stream(model, p, None, long)))[0] for p in PROMPTS]
         model.engine.pause_mode = "wait"
-        in_flight = [asyncio.create_task(collect(await open_stream(model, p, None, long))) for p in PROMPTS]
-        await asyncio.sleep(0.05)
+        started = await start_requests(model, PROMPTS, [long] * len(PROMPTS))
+        assert any(first.finish_reason is None for _, first in started)
+        in_flight = [asyncio.create_task(finish(*s)) for s in started]
         assert (await model.swap_to("v1")).ok
         assert [text for text, _ in await asyncio.gather(*in_flight)] == expected
         await model.engine.shutdown()

@@ -66,9 +66,9 @@ async def greedy_all(model: ServingModel, replica: Replica) -> dict[str, str]:
     return {p: await greedy_on(replica, p, model) for p in PROMPTS}
 
 
-async def serve_until(model: ServingModel, client: int, stop: asyncio.Event) -> list[tuple]:
+async def serve_until(model: ServingModel, client: int, stop: asyncio.Event, answers: list | None = None) -> list[tuple]:
     """One streaming client, request after request: (prompt, label, text, finish_reason) of each."""
-    answers, n = [], 0
+    answers, n = ([] if answers is None else answers), 0
     while not stop.is_set():
         prompt = PROMPTS[(client + n) % len(PROMPTS)]
         stream = await open_stream(model, prompt, None, GREEDY)
@@ -79,6 +79,14 @@ async def serve_until(model: ServingModel, client: int, stop: asyncio.Event) -> 
         answers.append((prompt, stream.version, "".join(pieces), finish))
         n += 1
     return answers
+
+
+async def until(condition, timeout_s: float = 60) -> None:
+    """Wait for a condition on the event loop (the clients keep running meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a condition"
+        await asyncio.sleep(0.01)
 
 
 class AdmissionWatch:
@@ -113,11 +121,12 @@ def test_rolling_swap_answers_come_from_exactly_one_version(pair, loop):
 
         watch = AdmissionWatch(pair)
         stop = asyncio.Event()
-        clients = [asyncio.create_task(serve_until(pair, c, stop)) for c in range(6)]
-        await asyncio.sleep(0.5)
+        live: list[list] = [[] for _ in range(6)]
+        clients = [asyncio.create_task(serve_until(pair, c, stop, live[c])) for c in range(6)]
+        await until(lambda: sum(r.in_flight for r in pair.pool.replicas) >= 2)
         in_flight_at_swap = sum(r.in_flight for r in pair.pool.replicas)
         record = await pair.swap_to("v1")
-        await asyncio.sleep(0.5)
+        await until(lambda: sum(a[1] == "v1" for client in live for a in client) >= 6)  # answers after the swap
         stop.set()
         answers = [a for client in await asyncio.gather(*clients) for a in client]
         await watch.stop()
