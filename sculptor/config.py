@@ -70,10 +70,15 @@ class Settings(BaseSettings):
     max_examples: int = 100_000
 
     # Training defaults (overridable per task through `hyperparameters`)
+    # Learning rate and epochs a task leaves unset are chosen per job (worker/training/auto.py); when off,
+    # the fixed defaults below apply.
+    auto_hyperparameters: bool = True
     default_epochs: int = 2
     # The constrained update lives in low-energy directions and wants a larger rate than plain FT.
     default_learning_rate: dict[str, float] = Field(default_factory=lambda: {"osft": 3e-4, "full": 5e-5})
     default_batch_size: int = 8
+    # Self-distillation replay share (see worker/training/replay.py); 0 turns it off.
+    default_general_replay: float = Field(0.5, ge=0, le=4)
     default_max_seq_len: int = 256
     # Torch threads for training and gating. 0: auto, 1 on machines with at most 4 cores (the gateway's
     # engine shares them; 1 thread measured ~3x faster than 2 there), else torch's default.
@@ -88,10 +93,12 @@ class Settings(BaseSettings):
     gate_benign_suite: str = ""
     gate_ifeval_suite: str = ""
     gate_general_text_suite: str = ""
+    gate_general_chat_suite: str = ""
     gate_harmful_items: int | None = 32  # seeded subsamples: see worker/gates/suites.py (GATE_SIZES)
     gate_benign_items: int | None = 24
     gate_ifeval_items: int | None = 32
     gate_general_text_items: int | None = 16
+    gate_general_chat_items: int | None = None  # all 244: fewer cannot see a collapse with confidence
     gate_thresholds: dict[str, float] = Field(default_factory=dict)
 
     # Logs

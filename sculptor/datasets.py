@@ -66,8 +66,10 @@ class Example(BaseModel):
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Method = "osft"
-    epochs: int | None = Field(None, ge=1, le=100)
-    learning_rate: float | None = Field(None, gt=0, le=1)
+    # "auto" (or None while SCULPTOR_AUTO_HYPERPARAMETERS is on, the default): the job chooses
+    # (worker/training/auto.py); a number always wins.
+    epochs: int | Literal["auto"] | None = Field(None, ge=1, le=100)
+    learning_rate: float | Literal["auto"] | None = Field(None, gt=0, le=1)
     batch_size: int | None = Field(None, ge=1, le=1024)
     max_seq_len: int | None = Field(None, ge=16, le=32768)
     max_steps: int | None = Field(None, ge=1)
@@ -79,6 +81,9 @@ class Hyperparameters(BaseModel):
     adaptive_ranks: bool | None = None
     task_memory: bool | None = None  # also protect the input directions of earlier tasks
     memory_energy: float | None = Field(None, ge=0, le=1)
+    # Self-distillation replay (worker/training/replay.py): the parent's answers to everyday prompts, as a
+    # share of the task's example count; None: the settings' default, 0: off.
+    general_replay: float | None = Field(None, ge=0, le=4)
     # Gate thresholds for this task (see worker/gates); None: the settings' defaults.
     gate_thresholds: dict[str, float] | None = None
 

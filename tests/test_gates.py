@@ -23,7 +23,8 @@ from worker.gates import (
     score,
     split_eval,
 )
-from worker.gates.bootstrap import mean_delta_ci, perplexity_ratio_ci
+from worker.gates.bootstrap import detectable_change, mean_delta_ci, perplexity_ratio_ci
+from worker.gates.scores import ChatAnswers
 from worker.gates.ifeval import IFEvalItem, known_instructions, score_response
 from worker.gates.suites import SuiteSizes
 
@@ -216,9 +217,21 @@ def _task(values):
     return TaskScores(ids=item.ids, values=item.values)
 
 
-def _version(tasks, harmful=None, benign=None, ifeval=None, nll_per_token=2.0):
+CHAT_ANSWERS = [f"answer {k}: a sentence of several words" for k in range(200)]
+
+
+def _chat(answers=None):
+    answers = answers or CHAT_ANSWERS
+    return ChatAnswers(ids=[f"c{k}" for k in range(len(answers))], answers=answers, nll=[5.0] * len(answers),
+                       tokens=[5] * len(answers))  # 1 nat per token under itself
+
+
+def _version(tasks, harmful=None, benign=None, ifeval=None, nll_per_token=2.0, chat_answers=None, chat_rise=0.0):
     tokens = [80] * 20
+    noise = np.random.default_rng(0).normal(0, 0.05, 200)
     return VersionScores(
+        general_chat=_chat(chat_answers),
+        chat_vs_parent=_items(1.0 + chat_rise + noise, "c"),
         tasks={t: _task(v) for t, v in tasks.items()},
         harmful_refusal=_items(harmful if harmful is not None else [1] * 40, "h"),
         benign_refusal=_items(benign if benign is not None else [0] * 30, "b"),
@@ -236,7 +249,7 @@ def test_a_good_candidate_passes_every_gate():
     report = decide(candidate, PARENT, "B")
     assert report.passed and report.failed == []
     assert [g.gate for g in report.gates] == ["new_task", "retention", "safety", "safety",
-                                               "instruction_following", "perplexity"]
+                                               "instruction_following", "perplexity", "general_chat", "general_chat"]
     new_task = report.gates[0]
     assert new_task.delta == pytest.approx(0.9) and new_task.ci_low > 0
     json.dumps(report.model_dump(mode="json"))  # the report is JSON-able
@@ -303,7 +316,7 @@ def test_perplexity_rise_fails_beyond_its_ratio():
     worse = _version({"A": [1] * 20, "B": [1] * 20}, nll_per_token=2.5)  # x1.65
     report = decide(worse, PARENT, "B")
     assert report.failed == ["perplexity:general_text"]
-    assert report.gates[-1].delta == pytest.approx(np.exp(0.5))
+    assert report.gates[5].delta == pytest.approx(np.exp(0.5))
 
 
 def test_a_candidate_missing_an_earlier_task_is_rejected():
@@ -321,11 +334,44 @@ def test_a_rejected_sibling_jobs_task_is_not_an_earlier_task():
     assert decide(candidate, parent, "D").failed == ["retention:C"]  # what the default would have done
 
 
-def test_suites_missing_on_both_sides_are_skipped_and_say_so():
+def test_a_gate_that_cannot_run_rejects():
     candidate = VersionScores(tasks={"B": _task([1] * 20)})
     parent = VersionScores(tasks={"B": _task([0] * 20)})
     report = decide(candidate, parent, "B")
-    assert report.passed and all(g.skipped for g in report.gates[1:])
+    assert not report.passed and all(g.skipped and not g.passed for g in report.gates[1:])
+    assert "a gate that cannot run rejects" in report.gates[1].reason
+    no_eval = decide(_version({"B": []}), _version({"B": []}), "B", earlier_tasks=[])
+    assert no_eval.failed == ["new_task:B"]
+
+
+def test_general_chat_gate_rejects_a_collapsed_candidate():
+    """The v1 of issue 14: one word from a small set, whatever the prompt."""
+    collapsed = _version({"A": [1] * 20, "B": [1] * 20}, chat_rise=2.5,
+                         chat_answers=[["billing", "shipping", "returns"][k % 3] for k in range(200)])
+    report = decide(collapsed, PARENT, "B")
+    assert report.failed == ["general_chat:parent_answers_nll", "general_chat:answer_collapse"]
+    collapse = report.gates[-1]
+    assert collapse.value == pytest.approx(3 / 200)  # the worse ratio: distinct answers 1.0 -> 0.015
+    assert "collapsed: distinct answers, mean words" in collapse.reason
+
+
+def test_general_chat_gate_passes_a_small_move_and_fails_a_large_one():
+    assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.1), PARENT, "B").passed
+    moved = decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.6), PARENT, "B")
+    assert moved.failed == ["general_chat:parent_answers_nll"]
+    nll = moved.gates[-2]
+    assert nll.delta == pytest.approx(0.6, abs=0.02) and not nll.underpowered  # 200 prompts detect ~0.01
+    assert nll.detectable_change < 0.02
+
+
+def test_detectable_change_and_underpowered_gates_are_named():
+    # 2.8 * sd / sqrt(n): sd 0.5 over 100 items detects 0.14; a floor applies when versions agree everywhere.
+    assert detectable_change(np.array([0.5, -0.5] * 50)) == pytest.approx(2.8016 * 0.5025 / 10, rel=1e-3)
+    assert detectable_change(np.zeros(100), floor_sd=0.5) == pytest.approx(0.140, abs=1e-3)
+    report = decide(_version({"A": [1] * 20, "B": [1] * 20}), PARENT, "B")
+    ifeval = next(g for g in report.gates if g.gate == "instruction_following")
+    assert report.passed and ifeval.underpowered and ifeval.detectable_change > 0.2  # 40 items at p = 0.5
+    assert "underpowered" in ifeval.reason and "instruction_following:ifeval_strict (detects" in report.summary
 
 
 # --- evaluate() with a scripted generator -----------------------------------------------------
@@ -344,9 +390,12 @@ class ScriptedGenerator:
     def perplexity(self, texts):
         return TextLosses(nll=[float(len(t)) for t in texts], tokens=[len(t) for t in texts])
 
+    def answer_losses(self, conversations, answers):
+        return TextLosses(nll=[2.0 * len(a) for a in answers], tokens=[len(a) for a in answers])
+
 
 def test_evaluate_scores_items_and_reuses_stored_parts():
-    suites = load_suites(sizes=SuiteSizes(harmful=4, benign=3, ifeval=2, general_text=2))
+    suites = load_suites(sizes=SuiteSizes(harmful=4, benign=3, ifeval=2, general_text=2, general_chat=3))
     examples = [Example(messages=[{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"a{k}"}])
                 for k in range(4)]
     answers = {"q0": "a0", "q1": "A1.", "q2": "wrong", suites.harmful[0].prompt: "I'm sorry, I can't help."}
@@ -356,7 +405,11 @@ def test_evaluate_scores_items_and_reuses_stored_parts():
     assert scores.harmful_refusal.values == [1.0, 0.0, 0.0, 0.0]
     assert scores.benign_refusal.values == [0.0, 0.0, 0.0]
     assert scores.perplexity.perplexity == pytest.approx(np.e)
-    assert generator.asked == 4 + 4 + 3 + 2
+    assert generator.asked == 4 + 4 + 3 + 2 + 3
+    assert scores.general_chat.answers == ["Sure."] * 3 and list(scores.general_chat.per_token()) == [2.0] * 3
+    assert scores.chat_vs_parent is None  # only a candidate, given its parent's answers, scores those
+    candidate = evaluate(ScriptedGenerator({}), {}, suites, chat_reference=scores.general_chat)
+    assert candidate.chat_vs_parent.ids == scores.general_chat.ids and candidate.chat_vs_parent.values == [2.0] * 3
     assert scores.samples["task:T"][0] == {"prompt": "q2", "response": "wrong"}
 
     again = ScriptedGenerator(answers)

@@ -3,7 +3,8 @@
 The real launcher (`python -m deploy.run`) on a tiny model, with its embedded Redis, a Celery worker
 and the gateway. SIGKILL the worker in the middle of a job: /generate keeps answering 200 while it is
 down, /readyz shows no training worker, the launcher restarts it, and the job is retried, promoted
-once and swapped in.
+once and swapped in. Then SIGKILL the embedded Redis: serving goes on, and it is restarted on its
+own data (the lineage is still there).
 """
 
 import os
@@ -51,6 +52,10 @@ def launcher_env(tmp_path: Path, model_dir: Path, port: int) -> dict:
     return env
 
 
+def redis_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(launcher.pid).children() if "redis-server" in " ".join(p.cmdline())]
+
+
 def worker_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     """The launcher's Celery worker (Celery renames its process "[celeryd: ...]")."""
     return [p for p in psutil.Process(launcher.pid).children()
@@ -95,6 +100,14 @@ def test_killed_worker_is_restarted_while_the_gateway_keeps_serving(tmp_path, ti
         versions = client.get("/models").json()
         assert [v["version"] for v in versions["versions"]].count("v1") == 1 and len(versions["versions"]) == 2
         assert wait_for(lambda: generate(client).json()["model_version"] == "v1", 60, "the swap to v1")
+
+        # The embedded Redis dies too: serving goes on, and it comes back on its own data.
+        [redis] = redis_processes(launcher)
+        redis.send_signal(signal.SIGKILL)
+        redis.wait(10)
+        assert generate(client).status_code == 200
+        wait_for(lambda: client.get("/readyz").json()["redis"], 60, "Redis to be restarted")
+        assert [v["version"] for v in client.get("/models").json()["versions"]] == ["v0", "v1"]
         assert launcher.poll() is None  # the stack stayed up throughout
     finally:
         client.close()
@@ -105,6 +118,7 @@ def test_killed_worker_is_restarted_while_the_gateway_keeps_serving(tmp_path, ti
             launcher.kill()
     text = log_path.read_text()
     assert "worker exited with code -9; restarting it in" in text, text[-3000:]
+    assert "redis exited with code -9; restarting it in" in text
 
 
 def test_crash_loop_is_given_up_and_only_the_gateway_ends_the_stack(tmp_path, caplog):

@@ -57,10 +57,11 @@ def eval_examples(ctx: Context, task: TaskRecord) -> list[Example]:
 def suites(ctx: Context) -> gates.Suites:
     s = ctx.settings
     sizes = gates.SuiteSizes(harmful=s.gate_harmful_items, benign=s.gate_benign_items, ifeval=s.gate_ifeval_items,
-                             general_text=s.gate_general_text_items)
+                             general_text=s.gate_general_text_items, general_chat=s.gate_general_chat_items)
     paths = {name: Path(p) if p else None for name, p in (
         ("harmful", s.gate_harmful_suite), ("benign", s.gate_benign_suite),
-        ("ifeval", s.gate_ifeval_suite), ("general_text", s.gate_general_text_suite))}
+        ("ifeval", s.gate_ifeval_suite), ("general_text", s.gate_general_text_suite),
+        ("general_chat", s.gate_general_chat_suite))}
     return gates.load_suites(sizes=sizes, **paths)
 
 
@@ -92,7 +93,8 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
     score the candidate on everything, decide. bench/bench_gates.py times exactly this."""
     parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
                                    reuse=parent_stored)
-    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites)
+    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites,
+                                      chat_reference=parent_scores.general_chat)
     # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
     earlier = [t for t in task_evals if t != new_task_id]
     report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier)

@@ -18,8 +18,9 @@ from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.datasets import Example
 from sculptor.records import CANDIDATES_CHANNEL, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
-from worker import gating, osft
+from worker import gates, gating, osft
 from worker.training import data as training_data
+from worker.training import auto, replay
 from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
 
 log = logging.getLogger("sculptor.worker")
@@ -68,31 +69,70 @@ def run_job(ctx: Context, job_id: str) -> JobRecord:
         return ctx.jobs.update(job_id, status="failed", error=str(err))
 
 
+@dataclass
+class TrainingData:
+    examples: int  # the task's own
+    replayed: int  # the parent's answers to everyday prompts (worker/training/replay.py)
+    train: list  # tokenized: what the optimizer sees
+    validation: list  # tokenized, held out of the task's examples for automatic hyperparameters
+    truncated: int
+    max_seq_len: int
+
+
+def training_data_for(ctx: Context, task: TaskRecord, model, tokenizer, split_validation: bool) -> TrainingData:
+    hp, settings = task.hyperparameters, ctx.settings
+    examples = load_examples(ctx, task.dataset_uri)
+    share = settings.default_general_replay if hp.general_replay is None else hp.general_replay
+    replayed = replay.replay_examples(gates.HFGenerator(model, tokenizer), share, len(examples), hp.seed)
+    max_len = hp.max_seq_len or settings.default_max_seq_len
+    own, extra = ([training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len) for e in part]
+                  for part in (examples, replayed))
+    own, validation = auto.validation_split(own, hp.seed) if split_validation else (own, [])
+    truncated = sum(t.truncated for t in own + extra + validation)  # policy: truncate to max_seq_len, and say how many
+    return TrainingData(len(examples), len(replayed), own + extra, validation, truncated, max_len)
+
+
+def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData, batch_size: int, pad_id: int,
+                         bf16: bool, epochs: int, steps: int) -> tuple[float, auto.AutoChoice | None]:
+    if not data.validation:
+        fixed = hp.learning_rate if isinstance(hp.learning_rate, float) else None
+        return fixed or ctx.settings.default_learning_rate[hp.method], None
+    rate, probe = auto.probe_learning_rate(model, constraint, data.train, data.validation, hp.method, batch_size,
+                                           pad_id, bf16, hp.seed)
+    return rate, auto.AutoChoice(
+        learning_rate=rate, epochs=epochs, steps=steps, validation_examples=len(data.validation),
+        probe_validation_loss=probe,
+        reason=f"the smallest rate within x{auto.TOLERANCE[0]} + {auto.TOLERANCE[1]} nats of the lowest answer loss "
+               f"on {len(data.validation)} held-out training examples after {auto.PROBE_STEPS} steps at each rate; "
+               f"{epochs} epochs for at least {auto.MIN_STEPS} steps")
+
+
 def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str) -> Candidate:
     settings = ctx.settings
     hp = task.hyperparameters
     parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
     model, tokenizer = load_model(parent_dir)
-    examples = load_examples(ctx, task.dataset_uri)
-    max_len = hp.max_seq_len or settings.default_max_seq_len
-    tokenized = [training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len)
-                 for e in examples]
-    truncated = sum(t.truncated for t in tokenized)  # policy: truncate to max_seq_len, and say how many
+    auto_lr, auto_epochs = (_is_auto(v, settings.auto_hyperparameters) for v in (hp.learning_rate, hp.epochs))
+    data = training_data_for(ctx, task, model, tokenizer, split_validation=auto_lr)
     batch_size = hp.batch_size or settings.default_batch_size
-    epochs = hp.epochs or settings.default_epochs
-    batches = training_data.make_batches(tokenized, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
+    epochs = (auto.choose_epochs(len(data.train), batch_size, settings.default_epochs) if auto_epochs
+              else hp.epochs or settings.default_epochs)
+    batches = training_data.make_batches(data.train, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
     if hp.max_steps:
         batches = batches[: hp.max_steps]
-    steps_per_epoch = max(1, -(-len(tokenized) // batch_size))
+    steps_per_epoch = max(1, -(-len(data.train) // batch_size))
 
     registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
     constraint = osft.build_constraint(model, hp, parent, registry, batches[:4])
+    bf16 = use_bf16(settings.train_bf16)
+    learning_rate, chosen = choose_learning_rate(ctx, hp, model, constraint, data, batch_size, tokenizer.pad_token_id,
+                                                 bf16, epochs, len(batches))
     torch.manual_seed(hp.seed)
     result = train(
         model, batches, constraint,
-        learning_rate=hp.learning_rate or settings.default_learning_rate[hp.method],
+        learning_rate=learning_rate,
         steps_per_epoch=steps_per_epoch,
-        bf16_autocast=use_bf16(settings.train_bf16),
+        bf16_autocast=bf16,
         on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
         should_stop=lambda: ctx.jobs.get(job.job_id).cancel_requested,
     )
@@ -101,8 +141,10 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     ctx.redis.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
     subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint,
                                    memory_batches=batches[:min(steps_per_epoch, MEMORY_BATCHES)])
-    training = {"steps": result.steps, "final_loss": result.final_loss, "examples": len(tokenized),
-                "truncated_examples": truncated, "max_seq_len": max_len, "mean_step_s": round(result.mean_step_s, 4),
+    training = {"steps": result.steps, "final_loss": result.final_loss, "examples": data.examples,
+                "replayed_examples": data.replayed, "learning_rate": learning_rate, "epochs": epochs,
+                "auto": chosen.model_dump() if chosen else None,
+                "truncated_examples": data.truncated, "max_seq_len": data.max_seq_len, "mean_step_s": round(result.mean_step_s, 4),
                 "method": hp.method, "constraint": constraint.report(), "subspace": subspace}
     del model
     model_dir = checkpoints.fetch(ctx.store, version, settings.checkpoint_cache_dir)
@@ -119,6 +161,10 @@ def promote(ctx: Context, job: JobRecord, task: TaskRecord, candidate: Candidate
     ctx.versions.promote(version)
     log.info("promoted %s (job %s, task %s)", version.version, job.job_id, task.task_id)
     return version
+
+
+def _is_auto(value, auto_by_default: bool) -> bool:
+    return value == "auto" or (value is None and auto_by_default)
 
 
 def use_bf16(configured: bool | None) -> bool:

@@ -45,3 +45,23 @@ def perplexity_ratio_ci(
         return np.exp(c_nll[idx].sum(1) / c_tok[idx].sum(1) - p_nll[idx].sum(1) / p_tok[idx].sum(1))
 
     return bootstrap_ci(ratio, len(c_nll), **kwargs)
+
+
+def detectable_change(diffs: np.ndarray, floor_sd: float = 0.0, confidence: float = 0.95,
+                      power: float = 0.8) -> float:
+    """The smallest true mean paired difference that a two-sided test at `confidence` detects with
+    probability `power` at this many items: (z_(1-alpha/2) + z_power) * sd(diff) / sqrt(n)
+    (the sample-size rule in Miller, "Adding Error Bars to Evals", 2024).
+
+    `floor_sd` bounds sd(diff) from below: on 0/1 items two versions that agree on every item give an
+    observed sd of 0, which says nothing about what a regression would look like. Callers pass
+    sqrt(p(1 - p)) of the parent's rate there (paired items with correlation 0.5).
+    """
+    from statistics import NormalDist
+
+    diffs = np.asarray(diffs, float)
+    if len(diffs) < 2:
+        return float("inf")
+    sd = max(float(np.std(diffs, ddof=1)), floor_sd)
+    z = NormalDist().inv_cdf
+    return (z(0.5 + confidence / 2) + z(power)) * sd / float(np.sqrt(len(diffs)))

@@ -33,7 +33,7 @@ from worker.gates.generation import Generator
 from worker.gates.ifeval import score_response
 from worker.gates.metrics import score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
-from worker.gates.scores import ItemScores, PerplexityScores, TaskScores, VersionScores
+from worker.gates.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
 from worker.gates.suites import Suites
 
 TaskEval = tuple[Metric, Sequence[Example]]
@@ -43,6 +43,8 @@ class EvalConfig(BaseModel):
     task_max_new_tokens: int = 64
     refusal_max_new_tokens: int = 32
     ifeval_max_new_tokens: int = 96
+    # General chat: enough for an answer's opening sentences, which is where a collapsed model shows.
+    chat_max_new_tokens: int = 48
     failures_kept: int = 3  # responses kept per part for reading (the ones that scored badly)
 
 
@@ -117,6 +119,30 @@ def _evaluate_perplexity(generator: Generator, suites: Suites, scores: VersionSc
                                          tokens=losses.tokens)
 
 
+def _chat(item) -> list[dict]:
+    return [{"role": "user", "content": item.prompt}]
+
+
+def _evaluate_general_chat(generator: Generator, suites: Suites, config: EvalConfig, scores: VersionScores) -> None:
+    """This version's own greedy answers to everyday prompts, and how likely it finds them."""
+    conversations = [_chat(item) for item in suites.general_chat]
+    answers = generator.generate(conversations, config.chat_max_new_tokens)
+    losses = generator.answer_losses(conversations, answers)
+    scores.general_chat = ChatAnswers(ids=[i.id for i in suites.general_chat], answers=answers, nll=losses.nll,
+                                      tokens=losses.tokens)
+
+
+def _evaluate_chat_vs_parent(generator: Generator, suites: Suites, reference: ChatAnswers,
+                             scores: VersionScores) -> None:
+    """NLL per token of the parent's answers under this version: how far it moved from the parent's behaviour
+    on everyday prompts (the candidate's side of a KL(parent || candidate) estimate on the parent's samples)."""
+    prompts = {i.id: i for i in suites.general_chat}
+    pairs = [(i, a) for i, a in zip(reference.ids, reference.answers) if i in prompts]
+    losses = generator.answer_losses([_chat(prompts[i]) for i, _ in pairs], [a for _, a in pairs])
+    scores.chat_vs_parent = ItemScores(ids=[i for i, _ in pairs],
+                                       values=[n / max(1, t) for n, t in zip(losses.nll, losses.tokens)])
+
+
 def _stats(generator: Generator) -> dict[str, int] | None:
     """The generator's running work totals (GenerationStats), if it keeps them."""
     stats = getattr(generator, "stats", None)
@@ -134,11 +160,13 @@ def evaluate(
     judge: RefusalJudge | None = None,
     config: EvalConfig | None = None,
     reuse: VersionScores | None = None,
+    chat_reference: ChatAnswers | None = None,
 ) -> VersionScores:
     """Scores of the model behind `generator` on `tasks` ({task_id: (metric, eval_examples)}) and `suites`.
 
     Parts already in `reuse` with the same item ids are copied, not re-evaluated. `suites=None`
     evaluates tasks only (e.g. the parent on a new task's eval set before training).
+    `chat_reference`: the parent's general-chat answers, scored under this version (candidates only).
     """
     config = config or EvalConfig()
     judge = judge or PatternRefusalJudge()
@@ -164,4 +192,8 @@ def evaluate(
         timed("ifeval", _evaluate_ifeval, generator, suites, config, scores)
     if not _same_ids(scores.perplexity, [i.id for i in suites.general_text]):
         timed("perplexity", _evaluate_perplexity, generator, suites, scores)
+    if suites.general_chat and not _same_ids(scores.general_chat, [i.id for i in suites.general_chat]):
+        timed("general_chat", _evaluate_general_chat, generator, suites, config, scores)
+    if suites.general_chat and chat_reference is not None:
+        timed("chat_vs_parent", _evaluate_chat_vs_parent, generator, suites, chat_reference, scores)
     return scores

@@ -47,6 +47,8 @@ class Generator(Protocol):
 
     def perplexity(self, texts: Sequence[str]) -> TextLosses: ...
 
+    def answer_losses(self, conversations: Sequence[list[dict]], answers: Sequence[str]) -> TextLosses: ...
+
 
 class HFGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 64, bf16_autocast: bool = False):
@@ -57,6 +59,9 @@ class HFGenerator:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = self._stop_ids()
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")  # ChatML's; else the EOS token ends an answer
+        valid = isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id
+        self.end_of_turn_id = end_of_turn if valid else tokenizer.eos_token_id
         self.stats = GenerationStats()
 
     @classmethod
@@ -163,9 +168,25 @@ class HFGenerator:
     @torch.inference_mode()
     def perplexity(self, texts: Sequence[str]) -> TextLosses:
         encoded = [self.tokenizer(t)["input_ids"] for t in texts]
-        self.stats.items += len(texts)
+        return self._losses(encoded, [1] * len(encoded))
+
+    @torch.inference_mode()
+    def answer_losses(self, conversations: Sequence[list[dict]], answers: Sequence[str]) -> TextLosses:
+        """NLL of each answer (teacher-forced, after its chat-rendered prompt), answer tokens only."""
+        encoded, starts = [], []
+        for conversation, answer in zip(conversations, answers):
+            prompt = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
+            encoded.append(prompt_ids + answer_ids)
+            starts.append(len(prompt_ids))
+        return self._losses(encoded, starts)
+
+    def _losses(self, encoded: list[list[int]], first_scored: list[int]) -> TextLosses:
+        """Summed NLL of each row's tokens from position first_scored[i] on (each predicted from the ones before)."""
+        self.stats.items += len(encoded)
         self.stats.prompt_tokens += sum(len(e) for e in encoded)
-        nll, tokens = [0.0] * len(texts), [0] * len(texts)
+        nll, tokens = [0.0] * len(encoded), [0] * len(encoded)
         for batch in self._batches([len(e) for e in encoded]):
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -179,7 +200,10 @@ class HFGenerator:
             targets = ids[:, 1:].to(self.device)
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-            scored = mask[:, 1:].to(self.device)
+            scored = mask[:, 1:].clone()
+            for row, i in enumerate(batch):
+                scored[row, :max(0, first_scored[i] - 1)] = 0
+            scored = scored.to(self.device)
             for row, i in enumerate(batch):
                 nll[i] = float((losses[row] * scored[row]).sum())
                 tokens[i] = int(scored[row].sum())

@@ -58,6 +58,25 @@ class PerplexityScores(BaseModel):
         return tuple(np.array(c, float) for c in cols)
 
 
+class ChatAnswers(BaseModel):
+    """A version's own greedy answers to the general-chat prompts, and their NLL under itself."""
+
+    ids: list[str]
+    answers: list[str]
+    nll: list[float]  # summed over the answer's tokens (its end-of-turn token included)
+    tokens: list[int]
+
+    def per_token(self) -> np.ndarray:
+        return np.array(self.nll, float) / np.maximum(np.array(self.tokens, float), 1)
+
+    def distinct_ratio(self) -> float:
+        """Distinct answers over answers (case and spacing ignored): 1/n when every prompt gets one answer."""
+        return len({" ".join(a.lower().split()) for a in self.answers}) / max(1, len(self.answers))
+
+    def mean_words(self) -> float:
+        return sum(len(a.split()) for a in self.answers) / max(1, len(self.answers))
+
+
 class VersionScores(BaseModel):
     tasks: dict[str, TaskScores] = Field(default_factory=dict)
     harmful_refusal: ItemScores | None = None  # 1 = refused (wanted)
@@ -65,6 +84,9 @@ class VersionScores(BaseModel):
     ifeval_strict: ItemScores | None = None  # prompt-level, 1 = all instructions followed
     ifeval_loose: ItemScores | None = None
     perplexity: PerplexityScores | None = None
+    general_chat: ChatAnswers | None = None
+    # NLL per token of the *parent's* answers under this version (the general-chat gate's measure)
+    chat_vs_parent: ItemScores | None = None
     seconds: dict[str, float] = Field(default_factory=dict)  # wall time per part, as last evaluated
     work: dict[str, dict[str, int]] = Field(default_factory=dict)  # per part: items, tokens (GenerationStats)
     samples: dict[str, list[dict]] = Field(default_factory=dict)  # a few responses per part, for reading
@@ -81,4 +103,7 @@ class VersionScores(BaseModel):
             "ifeval_strict": mean(self.ifeval_strict),
             "ifeval_loose": mean(self.ifeval_loose),
             "perplexity": self.perplexity.perplexity if self.perplexity else None,
+            "general_chat_distinct_ratio": self.general_chat.distinct_ratio() if self.general_chat else None,
+            "general_chat_mean_words": self.general_chat.mean_words() if self.general_chat else None,
+            "general_chat_parent_nll": mean(self.chat_vs_parent),
         }

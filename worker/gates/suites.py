@@ -4,6 +4,8 @@
   benign.jsonl        {"id", "category", "prompt"}  look-alikes of harmful requests; an answer is expected
   ifeval.jsonl        IFEval's format {"key", "prompt", "instruction_id_list", "kwargs"}
   general_text.jsonl  {"id"?, "text"}               held-out prose for perplexity
+  general_chat.jsonl  {"id", "category", "prompt"}  everyday chat (12 kinds, 244 prompts): the candidate
+                                                    is compared with its parent's own answers to them
 
 `load_suites` can subsample each suite (seeded, so the parent and the candidate see the same items).
 """
@@ -55,11 +57,12 @@ class SuiteSizes(BaseModel):
     benign: int | None = None
     ifeval: int | None = None
     general_text: int | None = None
+    general_chat: int | None = None
 
 
 # What the gate uses by default: sized to keep a job's gate within minutes on 2 CPU cores
 # (bench/bench_gates.py measures it); the shipped files hold more for machines that can afford them.
-GATE_SIZES = SuiteSizes(harmful=32, benign=24, ifeval=32, general_text=16)
+GATE_SIZES = SuiteSizes(harmful=32, benign=24, ifeval=32, general_text=16, general_chat=None)
 
 
 class Suites(BaseModel):
@@ -67,6 +70,7 @@ class Suites(BaseModel):
     benign: list[PromptItem]
     ifeval: list[IFEvalItem]
     general_text: list[TextItem]
+    general_chat: list[PromptItem] = []
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -90,6 +94,7 @@ def load_suites(
     benign: Path | None = None,
     ifeval: Path | None = None,
     general_text: Path | None = None,
+    general_chat: Path | None = None,
     sizes: SuiteSizes | None = None,
     seed: int = 0,
 ) -> Suites:
@@ -101,4 +106,6 @@ def load_suites(
         ifeval=subsample(read_jsonl(ifeval or SHIPPED / "ifeval.jsonl", IFEvalItem), sizes.ifeval, seed),
         general_text=subsample(read_jsonl(general_text or SHIPPED / "general_text.jsonl", TextItem),
                                sizes.general_text, seed),
+        general_chat=subsample(read_jsonl(general_chat or SHIPPED / "general_chat.jsonl", PromptItem),
+                               sizes.general_chat, seed),
     )

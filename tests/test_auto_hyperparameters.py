@@ -1,0 +1,42 @@
+"""Automatic hyperparameters (worker/training/auto.py): steps by rule, learning rate by a validation probe."""
+
+import random
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.training import auto
+from worker.training.data import tokenize_chat
+from worker.training.loop import AllParameters
+
+
+def test_epochs_give_every_task_enough_steps():
+    assert auto.choose_epochs(16, 8, default_epochs=2) == 16  # 2 steps an epoch: 32 steps
+    assert auto.choose_epochs(216, 8, default_epochs=2) == 2  # 27 steps an epoch: the default's 54 suffice
+    assert auto.choose_epochs(1, 8, default_epochs=2) == auto.MAX_EPOCHS
+
+
+def test_validation_split_is_held_out_and_bounded():
+    items = list(range(240))
+    train, validation = auto.validation_split(items, seed=0)
+    assert len(validation) == 24 and not set(train) & set(validation) and len(train) + 24 == 240
+    assert auto.validation_split(items, seed=0) == (train, validation)  # seeded
+    assert len(auto.validation_split(list(range(16)), 0)[1]) == 4
+    assert len(auto.validation_split(list(range(1000)), 0)[1]) == auto.MAX_VALIDATION
+    assert auto.validation_split([1, 2, 3], 0)[1] == []  # too few to hold any out
+
+
+def test_probe_picks_the_rate_that_learns_and_puts_the_weights_back(tiny_learner_dir, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_learner_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_learner_dir, dtype=torch.float32)
+    rng = random.Random(0)
+    answers = ["alpha", "bravo", "delta"]
+    examples = [tokenize_chat(tokenizer, [{"role": "user", "content": f"code {i}"},
+                                          {"role": "assistant", "content": rng.choice(answers)}], 32) for i in range(40)]
+    train, validation = auto.validation_split(examples, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setitem(auto.LEARNING_RATES, "full", (1e-9, 3e-3))  # one rate that cannot learn in 8 steps
+    rate, losses = auto.probe_learning_rate(model, AllParameters(model), train, validation, "full", 8,
+                                            tokenizer.pad_token_id, bf16_autocast=False)
+    assert rate == 3e-3 and losses["0.003"] < losses["1e-09"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -1,0 +1,95 @@
+"""Automatic hyperparameters: a job picks its learning rate and steps for its method.
+
+Why: one fixed default cannot fit every task. At the old defaults (lr 3e-4, 2 epochs) a stream of small
+tasks learned task 3 to 57 % and task 4 to 0 %, while the forgetting benchmark learns every task at
+lr 3e-3 with 32 steps. The constrained update lives in low-energy directions and needs a rate several
+times plain fine-tuning's, and a 16-example task needs many more epochs than a 240-example one.
+
+  - steps: enough epochs for at least MIN_STEPS optimizer steps (the benchmark's 32 steps per task),
+    at least the configured default epochs and at most MAX_EPOCHS;
+  - learning rate: each of the method's candidate rates trains PROBE_STEPS steps from the parent's
+    weights (which are put back after each probe); of the rates whose answer loss on a validation split
+    is within TOLERANCE of the lowest, the smallest wins. Why the smallest: a larger step learns the task
+    no better then, and moves everything else more (bench/results/bench_general_chat.md: at lr 3e-3 the
+    department task doubled SmolLM2's perplexity on general text). The split is carved out of the
+    training data (never the gate's eval split) and is not trained on.
+
+The job report carries the choice and the probe's losses (`training.auto`). Explicit hyperparameters win.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from pydantic import BaseModel
+
+from worker.training.data import TokenizedExample, collate, make_batches
+from worker.training.loop import NonFiniteLoss, train
+
+# From the old fixed defaults (osft 3e-4, full 5e-5) up to where bench/bench_forgetting.py found each
+# method learning every task of its stream (osft 3e-3, full 2e-4).
+LEARNING_RATES = {"osft": (3e-4, 1e-3, 3e-3), "full": (5e-5, 1e-4, 2e-4)}
+TOLERANCE = (1.25, 0.05)  # within x1.25 + 0.05 nats of the lowest validation loss counts as as good
+MIN_STEPS = 32
+MAX_EPOCHS = 16
+PROBE_STEPS = 8
+VALIDATION_FRACTION, MIN_VALIDATION, MAX_VALIDATION = 0.1, 4, 32
+
+
+class AutoChoice(BaseModel):
+    learning_rate: float
+    epochs: int
+    steps: int
+    validation_examples: int
+    probe_validation_loss: dict[str, float]  # candidate rate -> answer loss after PROBE_STEPS steps
+    reason: str
+
+
+def validation_split(tokenized: list[TokenizedExample], seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded tenth, at least 4 and at most 32, and never more than a quarter."""
+    k = min(max(round(len(tokenized) * VALIDATION_FRACTION), MIN_VALIDATION), MAX_VALIDATION, len(tokenized) // 4)
+    held = set(random.Random(seed).sample(range(len(tokenized)), k)) if k > 0 else set()
+    return ([t for i, t in enumerate(tokenized) if i not in held], [t for i, t in enumerate(tokenized) if i in held])
+
+
+def choose_epochs(train_examples: int, batch_size: int, default_epochs: int) -> int:
+    steps_per_epoch = max(1, math.ceil(train_examples / batch_size))
+    return min(MAX_EPOCHS, max(default_epochs, math.ceil(MIN_STEPS / steps_per_epoch)))
+
+
+@torch.no_grad()
+def answer_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size: int = 16) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    return total / max(1, count)
+
+
+def probe_learning_rate(model, constraint, train_examples, validation, method: str, batch_size: int, pad_id: int,
+                        bf16_autocast: bool, seed: int = 0) -> tuple[float, dict[str, float]]:
+    """The smallest candidate rate whose validation answer loss after PROBE_STEPS steps is within TOLERANCE of
+    the lowest; and every rate's loss."""
+    trainable = constraint.trainable_parameters()
+    saved = [p.detach().to("cpu", copy=True) for p in trainable]  # host copies: the device holds one model
+    epochs = math.ceil(PROBE_STEPS / max(1, math.ceil(len(train_examples) / batch_size)))
+    batches = make_batches(train_examples, batch_size, epochs, pad_id, seed=seed)[:PROBE_STEPS]
+    losses: dict[str, float] = {}
+    for rate in LEARNING_RATES[method]:
+        try:
+            train(model, batches, constraint, rate, steps_per_epoch=len(batches), bf16_autocast=bf16_autocast)
+            losses[f"{rate:g}"] = answer_loss(model, validation, pad_id)
+        except NonFiniteLoss:
+            losses[f"{rate:g}"] = float("inf")
+        with torch.no_grad():
+            for p, copy in zip(trainable, saved):
+                p.copy_(copy)
+    lowest = min(losses.values())
+    good_enough = [float(r) for r, loss in losses.items() if loss <= lowest * TOLERANCE[0] + TOLERANCE[1]]
+    return min(good_enough), losses
