@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-gates bench-serving clean
+.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-gates bench-serving bench-general-chat clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,9 @@ bench-gates: model
 
 bench-serving: model
 	$(PY) bench/bench_serving.py
+
+bench-general-chat: model
+	$(PY) bench/bench_general_chat.py
 
 clean:
 	rm -rf var bench/results/*.json bench/results/*.png

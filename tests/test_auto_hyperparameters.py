@@ -38,5 +38,14 @@ def test_probe_picks_the_rate_that_learns_and_puts_the_weights_back(tiny_learner
     monkeypatch.setitem(auto.LEARNING_RATES, "full", (1e-9, 3e-3))  # one rate that cannot learn in 8 steps
     rate, losses = auto.probe_learning_rate(model, AllParameters(model), train, validation, "full", 8,
                                             tokenizer.pad_token_id, bf16_autocast=False)
-    assert rate == 3e-3 and losses["0.003"] < losses["1e-09"]
+    assert rate == 3e-3 and losses["0.003"] < losses["1e-09"] <= losses["start"] + 1e-6
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_gentlest_rate_that_makes_most_of_the_progress_wins():
+    # The department task on SmolLM2 (bench_general_chat): 3e-4 already made most of the drop.
+    assert auto.pick_rate(8.0, {"0.0003": 2.49, "0.001": 1.66, "0.003": 1.31}) == 3e-4
+    # A task the gentle rate barely starts on gets the larger one.
+    assert auto.pick_rate(8.0, {"0.0003": 7.0, "0.001": 4.0, "0.003": 1.0}) == 3e-3
+    assert auto.pick_rate(8.0, {"0.0003": 7.0, "0.001": 2.0, "0.003": 1.0}) == 1e-3
+    assert auto.pick_rate(8.0, {"0.0003": 8.0, "0.001": float("inf")}) == 3e-4  # a diverged probe never wins

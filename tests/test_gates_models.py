@@ -62,9 +62,10 @@ def fit(model, tokenizer, examples: list[Example], text: list[str], epochs: int,
     train(model, batches, AllParameters(model), lr, len(batches) // epochs, bf16_autocast=False)
 
 
-def scores_of(model, tokenizer, tasks, suites) -> VersionScores:
+def scores_of(model, tokenizer, tasks, suites, parent: VersionScores | None = None) -> VersionScores:
     generator = HFGenerator(model, tokenizer, batch_size=16)
-    return evaluate(generator, tasks, suites, config=CONFIG)
+    reference = parent.general_chat if parent else None
+    return evaluate(generator, tasks, suites, config=CONFIG, chat_reference=reference)
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +99,9 @@ def gate_candidate(world: World, examples: list[Example], epochs: int, lr: float
     model = AutoModelForCausalLM.from_pretrained(world.model_dir, dtype=torch.float32)
     model.load_state_dict(world.parent_state)
     fit(model, world.tokenizer, examples, world.text, epochs, lr)
-    candidate = scores_of(model, world.tokenizer, world.tasks, world.suites)
     # The parent's scores go through JSON, as the worker stores them.
     parent = VersionScores.model_validate_json(world.parent_scores.model_dump_json())
+    candidate = scores_of(model, world.tokenizer, world.tasks, world.suites, parent)
     return decide(candidate, parent, new_task_id="B")
 
 

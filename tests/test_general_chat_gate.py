@@ -55,12 +55,19 @@ def parent_dir(tmp_path_factory, tiny_learner_dir):
     return out
 
 
-def candidate_report(parent_dir, share: float):
+EVALS = {"departments": ("exact_match", department_task()[:16])}
+
+
+@pytest.fixture(scope="module")
+def parent_scores(parent_dir):
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32)
-    suites = gates.load_suites(sizes=SUITES)
-    evals = {"departments": ("exact_match", department_task()[:16])}
-    parent_scores = gates.evaluate(gates.HFGenerator(parent, tokenizer), evals, suites)
+    return gates.evaluate(gates.HFGenerator(parent, tokenizer), EVALS, gates.load_suites(sizes=SUITES))
+
+
+def candidate_report(parent_dir, parent_scores, share: float):
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    suites, evals = gates.load_suites(sizes=SUITES), EVALS
     model = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32)
     task = department_task()
     fit(model, tokenizer, task + replay.replay_examples(gates.HFGenerator(model, tokenizer), share, len(task)),
@@ -70,8 +77,8 @@ def candidate_report(parent_dir, share: float):
     return report, {g.subject: g for g in report.gates}, scores
 
 
-def test_a_candidate_that_answers_a_department_to_everything_is_rejected(parent_dir):
-    report, by_subject, scores = candidate_report(parent_dir, share=0.0)
+def test_a_candidate_that_answers_a_department_to_everything_is_rejected(parent_dir, parent_scores):
+    report, by_subject, scores = candidate_report(parent_dir, parent_scores, share=0.0)
     assert by_subject["departments"].passed  # it learned the task ...
     assert not report.passed  # ... and lost everything else
     assert not by_subject["parent_answers_nll"].passed and by_subject["parent_answers_nll"].delta > 1.0
@@ -79,8 +86,8 @@ def test_a_candidate_that_answers_a_department_to_everything_is_rejected(parent_
     assert sum(a in DEPARTMENTS for a in scores.general_chat.answers) > 0.5 * len(scores.general_chat.answers)
 
 
-def test_the_same_task_learned_with_replay_passes_the_general_chat_gate(parent_dir):
-    report, by_subject, scores = candidate_report(parent_dir, share=1.0)
+def test_the_same_task_learned_with_replay_passes_the_general_chat_gate(parent_dir, parent_scores):
+    report, by_subject, scores = candidate_report(parent_dir, parent_scores, share=1.0)
     assert by_subject["departments"].passed and by_subject["departments"].value >= 0.5
     assert by_subject["parent_answers_nll"].passed and by_subject["answer_collapse"].passed, report.summary
     assert not by_subject["parent_answers_nll"].underpowered

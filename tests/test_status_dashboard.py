@@ -152,6 +152,9 @@ def version_scores(tasks: dict[str, int], harmful: int = 10, benign: int = 1, if
         harmful_refusal=gates.ItemScores(**items(20, harmful)), benign_refusal=gates.ItemScores(**items(20, benign)),
         ifeval_strict=gates.ItemScores(**items(20, ifeval)),
         perplexity=gates.PerplexityScores(ids=[f"t{k}" for k in range(10)], nll=[nll * 50] * 10, tokens=[50] * 10),
+        general_chat=gates.ChatAnswers(ids=[f"c{k}" for k in range(30)], answers=[f"answer {k} in words" for k in range(30)],
+                                       nll=[5.0] * 30, tokens=[5] * 30),
+        chat_vs_parent=gates.ItemScores(ids=[f"c{k}" for k in range(30)], values=[1.0 + 0.01 * (k % 3) for k in range(30)]),
     )
 
 

@@ -102,8 +102,8 @@ def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData
     return rate, auto.AutoChoice(
         learning_rate=rate, epochs=epochs, steps=steps, validation_examples=len(data.validation),
         probe_validation_loss=probe,
-        reason=f"the smallest rate within x{auto.TOLERANCE[0]} + {auto.TOLERANCE[1]} nats of the lowest answer loss "
-               f"on {len(data.validation)} held-out training examples after {auto.PROBE_STEPS} steps at each rate; "
+        reason=f"the smallest rate that made {auto.ENOUGH:.0%} of the best rate's drop in answer loss on "
+               f"{len(data.validation)} held-out training examples after {auto.PROBE_STEPS} steps; "
                f"{epochs} epochs for at least {auto.MIN_STEPS} steps")
 
 

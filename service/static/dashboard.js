@@ -164,6 +164,13 @@ function gateNumbers(g) {
       g.threshold == null ? "–" : `≤ ×${g.threshold}`,
       g.ci_low == null ? "–" : `[×${num(g.ci_low, 4)}, ×${num(g.ci_high, 4)}]`];
   }
+  if (g.subject === "parent_answers_nll") { // nats per token of the parent's own everyday answers
+    return [num(g.parent_value, 3), num(g.value, 3), g.delta == null ? "–" : `${g.delta >= 0 ? "+" : ""}${num(g.delta, 3)}`,
+      `rise ≤ ${g.threshold} nats/token`, g.ci_low == null ? "–" : `[${num(g.ci_low, 3)}, ${num(g.ci_high, 3)}]`];
+  }
+  if (g.subject === "answer_collapse") { // the worse of distinct answers and mean length, over the parent's
+    return ["×1", g.value == null ? "–" : `×${num(g.value, 3)}`, "–", `≥ ×${g.threshold}`, "–"];
+  }
   let threshold = "–";
   if (g.threshold != null && g.subject === "benign_over_refusal") {
     threshold = `rise ≤ ${Math.round(g.threshold * g.n_items)} item(s)`; // the gate counts refused prompts
@@ -177,7 +184,8 @@ function gateNumbers(g) {
 function gateRow(g) {
   const mark = g.skipped ? '<span class="mark-skip" title="skipped">–</span>'
     : g.passed ? '<span class="mark-ok">✓</span>' : '<span class="mark-bad">✗</span>';
-  const subject = g.gate === "new_task" || g.gate === "retention" ? taskName(g.subject) : g.subject;
+  const subject = (g.gate === "new_task" || g.gate === "retention" ? taskName(g.subject) : g.subject)
+    + (g.underpowered ? " (underpowered)" : "");
   const cells = gateNumbers(g).map((x) => `<td class="num">${esc(x)}</td>`).join("");
   return `<tr class="${g.passed ? "" : "gate-failed"}" data-gate="${esc(g.gate)}" title="${esc(g.reason || "")}">
     <td>${mark}</td><td>${esc(g.gate)}</td><td>${esc(subject)}</td>${cells}</tr>`;

@@ -20,12 +20,13 @@ from worker.gates.generation import GenerationStats, Generator, HFGenerator, Tex
 from worker.gates.matrix import average_accuracy, backward_transfer
 from worker.gates.metrics import normalise, score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
-from worker.gates.scores import ItemScores, PerplexityScores, TaskScores, VersionScores
+from worker.gates.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
 from worker.gates.splits import split_eval
 from worker.gates.suites import GATE_SIZES, Suites, SuiteSizes, load_suites
 
 __all__ = [
     "GATE_SIZES",
+    "ChatAnswers",
     "EvalConfig",
     "GateReport",
     "GateResult",
