@@ -4,8 +4,9 @@ The parent is the tiny model taught one everyday behaviour (it answers every pro
 words>"), so it has general behaviour to lose. Both candidates learn the same task of one-word answers
 (department names) by plain fine-tuning at the same rate and steps:
   - without replay, the candidate answers a department name to everything, as SmolLM2 did: rejected;
-  - with self-distillation replay of the parent's own answers (worker/training/replay.py, the default),
-    it learns the task as well and keeps the parent's behaviour: it passes, at the default thresholds.
+  - with self-distillation replay of answers sampled from the parent (worker/training/replay.py; here
+    2x the task's examples, as the tiny parent's samples are noisier than SmolLM2's), it learns the task
+    as well and keeps the parent's behaviour: it passes, at the default thresholds.
 """
 
 import json
@@ -70,7 +71,7 @@ def candidate_report(parent_dir, parent_scores, share: float):
     suites, evals = gates.load_suites(sizes=SUITES), EVALS
     model = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32)
     task = department_task()
-    fit(model, tokenizer, task + replay.replay_examples(gates.HFGenerator(model, tokenizer), share, len(task)),
+    fit(model, tokenizer, task + replay.replay_examples(model, tokenizer, share, len(task)),
         1e-3, epochs=6)
     scores = gates.evaluate(gates.HFGenerator(model, tokenizer), evals, suites, chat_reference=parent_scores.general_chat)
     report = gates.decide(scores, parent_scores, "departments", earlier_tasks=[])
@@ -87,7 +88,7 @@ def test_a_candidate_that_answers_a_department_to_everything_is_rejected(parent_
 
 
 def test_the_same_task_learned_with_replay_passes_the_general_chat_gate(parent_dir, parent_scores):
-    report, by_subject, scores = candidate_report(parent_dir, parent_scores, share=1.0)
+    report, by_subject, scores = candidate_report(parent_dir, parent_scores, share=2.0)
     assert by_subject["departments"].passed and by_subject["departments"].value >= 0.5
     assert by_subject["parent_answers_nll"].passed and by_subject["answer_collapse"].passed, report.summary
     assert not by_subject["parent_answers_nll"].underpowered

@@ -18,7 +18,7 @@ from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.datasets import Example
 from sculptor.records import CANDIDATES_CHANNEL, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
-from worker import gates, gating, osft
+from worker import gating, osft
 from worker.training import data as training_data
 from worker.training import auto, replay
 from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
@@ -83,7 +83,7 @@ def training_data_for(ctx: Context, task: TaskRecord, model, tokenizer, split_va
     hp, settings = task.hyperparameters, ctx.settings
     examples = load_examples(ctx, task.dataset_uri)
     share = settings.default_general_replay if hp.general_replay is None else hp.general_replay
-    replayed = replay.replay_examples(gates.HFGenerator(model, tokenizer), share, len(examples), hp.seed)
+    replayed = replay.replay_examples(model, tokenizer, share, len(examples), hp.seed)
     max_len = hp.max_seq_len or settings.default_max_seq_len
     own, extra = ([training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len) for e in part]
                   for part in (examples, replayed))

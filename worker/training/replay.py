@@ -15,25 +15,51 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
 from sculptor.datasets import Example
 
 POOL = Path(__file__).with_name("replay_prompts.jsonl")
 ANSWER_MAX_TOKENS = 96  # long enough that most everyday answers end on their own
 
 
+BATCH = 32
+
+
 def replay_prompts(count: int, seed: int, pool: Path = POOL) -> list[str]:
+    """`count` prompts: the pool in a seeded order, again from the start when more are wanted."""
     prompts = [json.loads(line)["prompt"] for line in pool.read_text().splitlines() if line.strip()]
-    return random.Random(seed).sample(prompts, min(count, len(prompts)))
+    random.Random(seed).shuffle(prompts)
+    return [prompts[i % len(prompts)] for i in range(count)]
 
 
-def replay_examples(generator, share: float, task_examples: int, seed: int = 0) -> list[Example]:
-    """round(share * task_examples) examples (at most the pool's size): each prompt with the parent's answer.
+@torch.inference_mode()
+def sample_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    """One answer per prompt, sampled from the model at temperature 1 (no top-k, no top-p)."""
+    model.eval()
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        for start in range(0, len(prompts), BATCH):
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in prompts[start:start + BATCH]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
 
-    `generator` is a worker.gates.Generator on the parent (before any training step).
-    """
+
+def replay_examples(model, tokenizer, share: float, task_examples: int, seed: int = 0) -> list[Example]:
+    """round(share * task_examples) examples: everyday prompts, each with an answer sampled from the parent
+    (`model`, before any training step)."""
     count = round(share * task_examples)
     if count <= 0:
         return []
     prompts = replay_prompts(count, seed)
-    answers = generator.generate([[{"role": "user", "content": p}] for p in prompts], ANSWER_MAX_TOKENS)
+    answers = sample_answers(model, tokenizer, prompts, ANSWER_MAX_TOKENS, seed)
     return [Example.model_validate({"prompt": p, "completion": a}) for p, a in zip(prompts, answers) if a.strip()]
