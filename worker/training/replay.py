@@ -46,8 +46,11 @@ def sample_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, se
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True) for p in prompts[start:start + BATCH]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # remove_invalid_values: a parent with non-finite weights still yields (junk) answers here, and the
+            # job then fails where it should, at the first non-finite training loss, with that message.
             out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 remove_invalid_values=True)
             answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
