@@ -58,10 +58,9 @@ class HFGenerator:
         self.bf16_autocast = bf16_autocast
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.stop_ids = self._stop_ids()
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")  # ChatML's; else the EOS token ends an answer
-        valid = isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id
-        self.end_of_turn_id = end_of_turn if valid else tokenizer.eos_token_id
+        chatml_end = self._chatml_end_of_turn()
+        self.end_of_turn_id = chatml_end if chatml_end is not None else tokenizer.eos_token_id  # ends a scored answer
+        self.stop_ids = self._stop_ids(chatml_end)
         self.stats = GenerationStats()
 
     @classmethod
@@ -71,13 +70,14 @@ class HFGenerator:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return cls(model, AutoTokenizer.from_pretrained(path), **kwargs)
 
-    def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
+    def _chatml_end_of_turn(self) -> int | None:
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return end_of_turn if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id else None
+
+    def _stop_ids(self, chatml_end: int | None) -> list[int]:
+        ids = {self.tokenizer.eos_token_id, chatml_end}
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # ChatML's end of turn
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            ids.add(end_of_turn)
         return sorted(i for i in ids if i is not None)
 
     def _autocast(self):

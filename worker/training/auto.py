@@ -26,7 +26,7 @@ import random
 import torch
 from pydantic import BaseModel
 
-from worker.training.data import TokenizedExample, collate, make_batches
+from worker.training.data import IGNORE_INDEX, TokenizedExample, collate, make_batches
 from worker.training.loop import NonFiniteLoss, train
 
 # From the old fixed defaults (osft 3e-4, full 5e-5) up to where bench/bench_forgetting.py found each
@@ -67,7 +67,7 @@ def answer_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**batch).loss) * n
         count += n
     return total / max(1, count)

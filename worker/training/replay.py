@@ -1,9 +1,9 @@
-"""Self-distillation replay: the parent's own answers to everyday prompts, mixed into a job's data.
+"""Self-distillation replay: answers sampled from the parent for everyday prompts, mixed into a job's data.
 
 Why: a task whose answers all share one short format (single department names, say) otherwise
 teaches the model that every prompt gets such an answer. The subspace constraint keeps the parent's
 strongest directions, but not this: after one such task SmolLM2 answered "billing" to "What is the
-capital of France?". Training on the parent's greedy answers to a pool of everyday prompts (a hard-label
+capital of France?". Training on the parent's own answers to a pool of everyday prompts (a sampled
 form of a KL term to the parent on those prompts, with no external data) keeps that behaviour where
 the new task does not need to change it. The pool (`replay_prompts.jsonl`, 96 prompts, 12 kinds) is
 disjoint from the general-chat gate's suite, so the gate still measures held-out prompts.
@@ -21,8 +21,6 @@ from sculptor.datasets import Example
 
 POOL = Path(__file__).with_name("replay_prompts.jsonl")
 ANSWER_MAX_TOKENS = 96  # long enough that most everyday answers end on their own
-
-
 BATCH = 32
 
 
