@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-gates bench-serving bench-general-chat clean
+.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-forgetting-methods bench-gates bench-serving bench-general-chat clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,9 @@ bench-train: model
 
 bench-forgetting: model
 	$(PY) bench/bench_forgetting.py
+
+bench-forgetting-methods: model
+	$(PY) bench/bench_forgetting_methods.py
 
 bench-gates: model
 	$(PY) bench/bench_gates.py

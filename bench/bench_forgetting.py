@@ -1,254 +1,223 @@
-"""Forgetting on a stream of tasks: the SVD-constrained method against plain sequential fine-tuning.
+"""A stream of four tasks through the real job pipeline: is each learned, is each kept, is the model still itself?
 
-SmolLM2-135M learns T procedurally generated tasks one after another. Each task has its own
-question format and its own keys, with invented answers the base model cannot know (it scores 0):
-"What is the Zorblish word for river?" -> "vantu", "Which vault holds the ledger of Ortan?" -> "vault
-47", ... Later tasks share nothing with earlier ones but the chat format, so what a method forgets
-is forgotten through interference, not because a later task rewrote the same function.
-After each task every task is scored by exact match (teacher-forced greedy: every answer token,
-end-of-turn included, is the argmax given the right prefix, which is exactly what greedy decoding
-would emit). That fills the accuracy matrix R[t][i]; AA is the mean of the last row, BWT the mean
-over i < T of R[T][i] - R[i][i]. Methods run with equal steps, each at its own learning rate; the
-constrained variants go through the real registry path (Redis + object store, bases and task memory
-stored per version). Methods: osft (the default: adaptive ratios + task memory), osft-nomemory (the
-paper's rule alone), osft-uniform (task memory, uniform ratios), full, peft-osf.
-Writes bench/results/<name>.json (after every method) and one heatmap PNG per method.
+SmolLM2-135M (v0) learns four tasks one after another through `worker/pipeline.py: run_job` (train,
+save, gate, promote; real Redis and object store, no Celery), with the hyperparameters a user gets
+at the service's defaults unless a row says otherwise:
+  1. departments: 240 customer messages whose answers are single department names (one short format:
+     the task that made the served model answer "billing" to everything, issue 14); the service
+     carves its eval split;
+  2.-4. three invented-fact tasks of bench_forgetting_methods.py (16 keys each, answers the base cannot
+     know: "What is the Zorblish word for river?" -> "vantu"), evaluated on their own examples.
+A candidate the gates reject is force-promoted, as an admin could, so every row sees the whole stream
+(the report says which were rejected and why).
 
-    .venv/bin/python bench/bench_forgetting.py [--tasks 4] [--keys 16] [--epochs 16]
-        [--methods full,osft,osft-nomemory,osft-uniform] [--lr osft=3e-3,full=2e-4]
+Per row: the accuracy matrix R (the gates' own task scores), AA, BWT and the diagonal; after the last
+task, against v0: the general-chat gate's measure (NLL rise of v0's answers, paired CI), token-F1 of
+the answers against v0's, the collapse rate (share of everyday prompts answered with a task's answer,
+or in at most 3 words where v0 used at least 8), IFEval strict, harmful refusal and perplexity; per job
+the learning rate and steps it chose, the replayed examples, the gate verdict and wall time.
+
+Each row runs in its own process, one after another (the machine has two cores):
+
+    .venv/bin/python bench/bench_forgetting.py --rows shipped,full,osft-noreplay,osft-chat-memory
+    .venv/bin/python bench/bench_forgetting.py --table      # bench/results/bench_forgetting*.json -> markdown
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import random
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, TARGETS, base_model_dir, load_model, write_result  # noqa: E402
+from bench_forgetting_methods import make_tasks  # noqa: E402
+from bench_general_chat import EVERYDAY, department_task, token_f1  # noqa: E402
+from common import RESULTS, base_model_dir, write_result  # noqa: E402
 
-SYLLABLES = "ka lo mi ru ten vash or ul pre zan fi go".split()
-# One format and one set of keys per task; the answers are invented per (task, key).
-TASK_FORMATS = [
-    ("What is the Zorblish word for {}?", "river stone cloud apple bread candle mirror ladder "
-     "basket feather hammer lantern needle pillow saddle thimble".split(), lambda r: _word(r)),
-    ("Which vault holds the ledger of {}?", "Ortan Belim Casro Dunel Efri Galt Hovis Ilmar Jorun "
-     "Kesh Lomar Mirel Nolt Ostra Pell Quill".split(), lambda r: f"vault {r.randint(10, 99)}"),
-    ("Name the capital of the planet {}.", "Xeriph Vuldor Quarn Zentar Mobrin Tethys-9 Kalvos Rhune "
-     "Ibrix Nadrel Sorvin Pexar Ulmor Wyrrin Yavos Drelk".split(), lambda r: _word(r).capitalize() + " City"),
-    ("Decode the glyph sequence {}.", "#-@ @@# %-% &#@ *-* #%& @-& %%# &&- *#@ -@% #*# @%- &*% %#* -&#".split(),
-     lambda r: f"{r.choice(['red', 'blue', 'gold', 'grey'])}-{r.randint(1, 9)}"),
-    ("Which guild does the craftsman {} belong to?", "Abel Bryn Cato Dara Evo Finn Gale Hale Ivo "
-     "Jace Kai Lior Milo Nash Odo Pike".split(), lambda r: f"the {_word(r)} guild"),
-    ("What is the launch code of silo {}?", [f"S{n}" for n in range(11, 27)],
-     lambda r: "-".join(str(r.randint(0, 9)) for _ in range(3))),
-]
-DEFAULT_LR = {"osft": 3e-3, "osft-nomemory": 3e-3, "osft-uniform": 3e-3, "full": 2e-4, "peft-osf": 3e-4}
+ROWS = {  # name: hyperparameters on top of the service's defaults (auto learning rate and epochs, replay 0.5)
+    "shipped": {},
+    "osft-noreplay": {"general_replay": 0.0},
+    "osft-chat-memory": {"general_replay": 0.0, "general_chat_memory": True},
+    "osft-replay-chat-memory": {"general_chat_memory": True},
+    "full": {"method": "full", "general_replay": 0.0},  # plain fine-tuning, its own rate chosen by the probe
+    "full-replay": {"method": "full"},
+    "old-defaults": {"general_replay": 0.0, "learning_rate": 3e-4, "epochs": 2},
+}
+GOALS = {"BWT": -2.0, "of_plain": 0.9, "ifeval_points": 3.0}
+COLLAPSE_WORDS, LONG_WORDS = 3, 8
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(2))
-
-
-def make_tasks(count: int, keys: int, seed: int) -> list[list[list[dict]]]:
-    """Task t: its own question format over its own keys, each mapped to an invented answer."""
-    if count > len(TASK_FORMATS):
-        raise SystemExit(f"at most {len(TASK_FORMATS)} tasks")
-    rng = random.Random(seed)
-    tasks = []
-    for template, task_keys, answer in TASK_FORMATS[:count]:
-        tasks.append([[{"role": "user", "content": template.format(key)},
-                       {"role": "assistant", "content": answer(rng)}] for key in task_keys[:keys]])
+def stream(seed: int) -> list[dict]:
+    """The four tasks, as uploads: name, examples, eval examples (None: the service carves them)."""
+    invented = make_tasks(4, 16, seed)[1:]  # formats 2-4 of bench_forgetting_methods (vaults, planets, glyphs)
+    tasks = [{"name": "departments", "examples": department_task(seed), "eval": None}]
+    for i, task in enumerate(invented):
+        examples = [{"messages": m} for m in task]
+        tasks.append({"name": f"invented-{i + 2}", "examples": examples, "eval": examples})
     return tasks
 
 
-def exact_match(model, tokenizer, examples: list[list[dict]]) -> float:
-    """Share of examples whose whole answer (with end of turn) is the greedy continuation."""
-    import torch
+def submit(ctx, upload: dict, hp: dict):
+    from sculptor.datasets import Example, parse_hyperparameters
+    from service.api.routes.tasks import TaskSubmission, store_and_enqueue
 
-    from worker.training.data import IGNORE_INDEX, collate, tokenize_chat
-
-    batch = collate([tokenize_chat(tokenizer, e, 64) for e in examples], tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    predicted = logits[:, :-1].argmax(-1)
-    targets = batch["labels"][:, 1:]
-    answer = targets != IGNORE_INDEX
-    correct = ((predicted == targets) | ~answer).all(dim=1)
-    return float(correct.float().mean()) * 100
+    sub = TaskSubmission(
+        name=upload["name"], examples=[Example.model_validate(e) for e in upload["examples"]],
+        eval_examples=[Example.model_validate(e) for e in upload["eval"]] if upload["eval"] else None,
+        metric="exact_match", hyperparameters=parse_hyperparameters(hp), webhook_url=None, size_bytes=1)
+    _, job = store_and_enqueue(ctx, sub)
+    ctx.redis.delete(ctx.settings.train_queue)  # run in this process; no Celery worker takes it
+    return job
 
 
-class Learner:
-    """One method learning tasks in sequence on its own copy of the model."""
+def force_promote(ctx, job):
+    """What `POST /jobs/{id}/promote {"force": true}` does for a rejected candidate."""
+    from sculptor import checkpoints
+    from sculptor.records import ModelVersion
 
-    def __init__(self, method: str, model, tokenizer, registry, args):
-        self.method, self.model, self.tokenizer, self.registry, self.args = method, model, tokenizer, registry, args
-        self.version = "base"
-        self.reports: list[dict] = []
-
-    def learn(self, task_index: int, examples: list[list[dict]], lr: float) -> float:
-        from worker.training.data import make_batches, tokenize_chat
-        from worker.training.loop import train
-
-        tokenized = [tokenize_chat(self.tokenizer, e, 64) for e in examples]
-        batches = make_batches(tokenized, self.args.batch, self.args.epochs, self.tokenizer.pad_token_id,
-                               seed=task_index)
-        steps_per_epoch = len(batches) // self.args.epochs
-        if self.method == "peft-osf":
-            return self._learn_peft(batches, lr, steps_per_epoch)
-        from sculptor.datasets import Hyperparameters
-        from worker.osft import OSFTConfig, build_constraint, record_version
-
-        hp = Hyperparameters(method="full" if self.method == "full" else "osft",
-                             adaptive_ranks=self.method != "osft-uniform",
-                             task_memory=self.method != "osft-nomemory", memory_energy=self.args.memory_energy)
-        config = replace(OSFTConfig.from_hyperparameters(hp), **self.args.osft_overrides)
-        constraint = build_constraint(self.model, hp, self.version, self.registry, batches[:4], config=config)
-        result = train(self.model, batches, constraint, lr, steps_per_epoch, bf16_autocast=self.args.bf16)
-        version = f"{self.method}-v{task_index + 1}"
-        if self.method == "full":  # plain fine-tuning reads nothing from the registry: skip the SVD
-            self.version = version
-            self.reports.append(constraint.report())
-            return result.mean_step_s
-        record_version(self.registry, self.model, version, self.version, f"task-{task_index + 1}", constraint,
-                       memory_batches=batches[:steps_per_epoch])
-        self.version = version
-        report = constraint.report()
-        self.reports.append({key: value for key, value in report.items() if key != "matrices"})
-        return result.mean_step_s
-
-    def _learn_peft(self, batches, lr: float, steps_per_epoch: int) -> float:
-        """PEFT's OSF for one task, merged back into dense weights before the next."""
-        from peft import OSFConfig, get_peft_model
-
-        from worker.training.loop import adamw, train
-
-        peft_model = get_peft_model(self.model, OSFConfig(effective_rank=0.75, target_modules=TARGETS))
-
-        class Plain:  # PEFT projects gradients itself; nothing to do after the step
-            def trainable_parameters(self):
-                return [p for p in peft_model.parameters() if p.requires_grad]
-
-            def make_optimizer(self, learning_rate, weight_decay):
-                return adamw(self.trainable_parameters(), learning_rate, weight_decay)
-
-            def report(self):
-                return {"method": "peft-osf"}
-
-        result = train(peft_model, batches, Plain(), lr, steps_per_epoch, bf16_autocast=self.args.bf16)
-        self.model = peft_model.merge_and_unload()
-        return result.mean_step_s
+    gates = job.gates or {}
+    ctx.versions.promote(ModelVersion(
+        version=job.candidate_version, parent=job.parent_version, task_id=job.task_id, job_id=job.job_id,
+        checkpoint_uri=ctx.store.uri(checkpoints.prefix(job.candidate_version)), forced=True,
+        gate_summary={"passed": False, "forced": True, "summary": gates.get("summary"), "failed": gates.get("failed")}))
+    return ctx.jobs.update(job.job_id, reopen=True, status="promoted", gates={**gates, "forced": True})
 
 
-def run_method(method: str, tasks, registry, args) -> dict:
-    from transformers import AutoTokenizer
+def job_row(job, wall: float, task_name: str) -> dict:
+    t = job.training or {}
+    auto = t.get("auto") or {}
+    return {"task": task_name, "version": job.candidate_version, "status": job.status,
+            "forced": bool((job.gates or {}).get("forced")), "failed_gates": (job.gates or {}).get("failed"),
+            "summary": (job.gates or {}).get("summary"), "learning_rate": t.get("learning_rate"),
+            "epochs": t.get("epochs"), "steps": t.get("steps"), "replayed_examples": t.get("replayed_examples"),
+            "probe": auto.get("probe_validation_loss"), "final_loss": t.get("final_loss"),
+            "mean_step_s": t.get("mean_step_s"), "gate_s": sum((job.gates or {}).get("seconds", {}).values()),
+            "wall_s": round(wall, 1)}
 
-    model_dir = base_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    learner = Learner(method, load_model(model_dir), tokenizer, registry, args)
-    lr = args.lr.get(method, DEFAULT_LR[method])
-    base_row = [exact_match(learner.model, tokenizer, task) for task in tasks]
-    matrix, step_s = [], []
-    for t, task in enumerate(tasks):
-        started = time.monotonic()
-        step_s.append(learner.learn(t, task, lr))
-        matrix.append([round(exact_match(learner.model, tokenizer, other), 1) for other in tasks])
-        print(f"[bench-forgetting] {method} after task {t + 1}: {matrix[-1]} ({time.monotonic() - started:.0f}s)",
-              file=sys.stderr, flush=True)
-    return {"learning_rate": lr, "base_row": base_row, "R": matrix, **summaries(matrix),
-            "mean_step_s": round(sum(step_s) / len(step_s), 3), "constraint_reports": learner.reports}
+
+def against_base(ctx, final: str, task_answers: set[str]) -> dict:
+    """The last version against v0 on everyday prompts, IFEval, refusal and perplexity."""
+    from sculptor import checkpoints
+    from worker import gates, gating
+    from worker.gates.decide import general_chat_gates
+
+    base, last = gating.load_scores(ctx, "v0"), gating.load_scores(ctx, final)
+    model_dir = checkpoints.fetch(ctx.store, final, ctx.settings.checkpoint_cache_dir)
+    generator = gates.HFGenerator.from_pretrained(model_dir)
+    last = gates.evaluate(generator, {}, gating.suites(ctx), reuse=last, chat_reference=base.general_chat)
+    nll, collapse = general_chat_gates(last, base, gates.GateThresholds(**ctx.settings.gate_thresholds))
+    pairs = list(zip(last.general_chat.answers, base.general_chat.answers))
+    collapsed = [c for c, b in pairs if " ".join(c.lower().split()) in task_answers
+                 or (len(c.split()) <= COLLAPSE_WORDS and len(b.split()) >= LONG_WORDS)]
+    everyday = generator.generate([[{"role": "user", "content": p}] for p in EVERYDAY], 32)
+    return {
+        "chat_nll_rise": nll.delta, "chat_nll_ci": [nll.ci_low, nll.ci_high], "chat_nll_threshold": nll.threshold,
+        "chat_nll_passed": nll.passed, "collapse_gate_passed": collapse.passed, "collapse_reason": collapse.reason,
+        "collapse_rate": len(collapsed) / len(pairs), "collapsed_examples": collapsed[:5],
+        "token_f1_vs_v0": sum(token_f1(c, b) for c, b in pairs) / len(pairs),
+        "ifeval_strict": [base.ifeval_strict.mean, last.ifeval_strict.mean],
+        "harmful_refusal": [base.harmful_refusal.mean, last.harmful_refusal.mean],
+        "perplexity_ratio": last.perplexity.perplexity / base.perplexity.perplexity,
+        "everyday": dict(zip(EVERYDAY, everyday)),
+    }
+
+
+def run_row(name: str, seed: int, model_dir: Path) -> dict:
+    from sculptor import redis_server
+    from sculptor.bootstrap import ensure_initial_version
+    from sculptor.config import Settings
+    from sculptor.context import Context
+    from worker import gating
+    from worker.pipeline import run_job
+
+    uploads = stream(seed)
+    task_answers = {" ".join(m["messages"][-1]["content"].lower().split()) if "messages" in m else m["completion"]
+                    for u in uploads for m in u["examples"]}
+    load_before, started = os.getloadavg(), time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = redis_server.start_redis(Path(tmp) / "redis")
+        try:
+            settings = Settings(var_dir=Path(tmp) / "var", redis_url=url, base_model_dir=str(model_dir))
+            ctx = Context.from_settings(settings)
+            ensure_initial_version(settings, ctx.redis, ctx.store)
+            jobs = []
+            for upload in uploads:
+                job_started = time.monotonic()
+                job = run_job(ctx, submit(ctx, upload, ROWS[name]).job_id)
+                if job.status == "rejected":
+                    job = force_promote(ctx, job)
+                if job.status != "promoted":
+                    raise SystemExit(f"{name}: {upload['name']} ended {job.status}: {job.error}")
+                jobs.append(job_row(job, time.monotonic() - job_started, upload["name"]))
+                print(f"[bench-forgetting] {name}: {jobs[-1]}", file=sys.stderr, flush=True)
+            final = jobs[-1]["version"]
+            matrix = gating.accuracy_matrix(ctx, final)
+            R = [[round(100 * matrix["R"][v].get(t, 0.0), 1) for t in matrix["tasks"]] for v in matrix["versions"]]
+            result = {"row": name, "hyperparameters": ROWS[name], "tasks": [u["name"] for u in uploads],
+                      "R": R, **summaries(R), "jobs": jobs, "vs_base": against_base(ctx, final, task_answers)}
+        finally:
+            redis_server.stop(proc)
+    return result | {"wall_s": round(time.monotonic() - started), "load_average": [load_before, os.getloadavg()]}
 
 
 def summaries(R: list[list[float]]) -> dict:
     T = len(R)
-    bwt = sum(R[T - 1][i] - R[i][i] for i in range(T - 1)) / max(1, T - 1)
-    return {"AA": round(sum(R[T - 1]) / T, 2), "BWT": round(bwt, 2),
-            "mean_diagonal": round(sum(R[i][i] for i in range(T)) / T, 2)}
+    return {"AA": round(sum(R[-1]) / T, 2), "BWT": round(sum(R[-1][i] - R[i][i] for i in range(T - 1)) / max(1, T - 1), 2),
+            "diagonal": [R[i][i] for i in range(T)]}
 
 
-def heatmap(method: str, R: list[list[float]]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T = len(R)
-    fig, ax = plt.subplots(figsize=(1.1 * T + 2, 1.1 * T + 1))
-    ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
-    for t in range(T):
-        for i in range(T):
-            ax.text(i, t, f"{R[t][i]:.0f}", ha="center", va="center", color="white" if R[t][i] < 60 else "black")
-    ax.set_xticks(range(T), [f"task {i + 1}" for i in range(T)])
-    ax.set_yticks(range(T), [f"after {t + 1}" for t in range(T)])
-    s = summaries(R)
-    ax.set_title(f"{method}: AA {s['AA']:.0f}, BWT {s['BWT']:+.0f}")
-    fig.tight_layout()
-    path = RESULTS / f"forgetting_{method}.png"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def parse_lr(text: str) -> dict[str, float]:
-    return {name: float(value) for name, value in (item.split("=") for item in text.split(",") if item)}
+def table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("bench_forgetting_*.json"))
+            if not p.name.startswith("bench_forgetting_methods")]
+    plain = next((r for r in rows if r["row"] == "full"), None)
+    head = ("| row | R (last row) | diagonal | AA | BWT | ≥90 % of plain per task | chat NLL rise vs v0 [95 % CI] "
+            "| token-F1 vs v0 | collapse rate | IFEval strict | harmful refusal | ppl | rejected jobs | lr chosen | load | wall |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        b = r["vs_base"]
+        of_plain = ("–" if not plain or r is plain else
+                    "yes" if all(d >= GOALS["of_plain"] * p for d, p in zip(r["diagonal"], plain["diagonal"])) else "**no**")
+        rates = ", ".join(f"{j['learning_rate']:g}" for j in r["jobs"])
+        rejected = ", ".join(f"{j['task']} ({', '.join(g.split(':')[0] for g in j['failed_gates'] or [])})"
+                             for j in r["jobs"] if j["forced"]) or "–"
+        lines.append(
+            f"| {r['row']} | {r['R'][-1]} | {r['diagonal']} | {r['AA']:.1f} | {r['BWT']:+.1f} | {of_plain} "
+            f"| {b['chat_nll_rise']:+.3f} [{b['chat_nll_ci'][0]:+.3f}, {b['chat_nll_ci'][1]:+.3f}] "
+            f"| {b['token_f1_vs_v0']:.2f} | {b['collapse_rate']:.3f} "
+            f"| {100 * b['ifeval_strict'][0]:.1f} → {100 * b['ifeval_strict'][1]:.1f} "
+            f"| {100 * b['harmful_refusal'][0]:.1f} → {100 * b['harmful_refusal'][1]:.1f} | ×{b['perplexity_ratio']:.3f} "
+            f"| {rejected} | {rates} "
+            f"| {r['load_average'][0][0]:.1f}–{r['load_average'][1][0]:.1f} | {r['wall_s'] / 60:.0f} min |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--keys", type=int, default=16, help="examples per task (at most 16)")
-    # 16 epochs of 16 examples (32 steps): enough for plain fine-tuning to learn every task fully, so
-    # the diagonal measures what a method can learn, not how fast (at 8 epochs one hard task decided it).
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--methods", default="full,osft,osft-nomemory,osft-uniform")
-    parser.add_argument("--memory-energy", type=float, default=None, help="task memory energy (default: OSFTConfig's)")
-    parser.add_argument("--remainder-decay", type=float, default=None, help="OSFTConfig.remainder_decay override")
-    parser.add_argument("--memory-share", type=float, default=None, help="OSFTConfig.memory_share override")
-    parser.add_argument("--lr", type=parse_lr, default={}, help="per-method learning rates, e.g. osft=3e-4,full=1e-4")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slow on CPUs without AVX-512 BF16)")
+    parser.add_argument("--rows", default="shipped,full,osft-noreplay,osft-chat-memory")
+    parser.add_argument("--row", help="run one row in this process (what --rows starts per row)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--name", default="bench_forgetting")
+    parser.add_argument("--model", type=Path, help="base model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the stored rows")
     args = parser.parse_args()
-    args.osft_overrides = {key: value for key, value in
-                           {"remainder_decay": args.remainder_decay, "memory_share": args.memory_share}.items()
-                           if value is not None}
+    if args.table:
+        print(table())
+    elif args.row:
+        import logging
 
-    import redis
-
-    from sculptor import redis_server
-    from sculptor.storage import ObjectStore
-    from worker.osft import SubspaceRegistry
-
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tasks = make_tasks(args.tasks, args.keys, args.seed)
-    results = {}
-    config = {key: value for key, value in vars(args).items() if key not in ("lr", "osft_overrides")}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = redis_server.start_redis(Path(tmp) / "redis")
-        try:
-            registry = SubspaceRegistry(redis.Redis.from_url(url, decode_responses=True),
-                                        ObjectStore((Path(tmp) / "store").as_uri()))
-            for method in args.methods.split(","):
-                started = time.monotonic()
-                results[method] = run_method(method, tasks, registry, args)
-                results[method]["wall_s"] = round(time.monotonic() - started)
-                results[method]["heatmap"] = str(heatmap(method, results[method]["R"]).relative_to(RESULTS.parent.parent))
-                write_result(args.name, {"model": "SmolLM2-135M-Instruct", "config": config,
-                                         "steps_per_task": -(-args.keys // args.batch) * args.epochs,
-                                         "load_average": os.getloadavg(), "methods": results})
-        finally:
-            redis_server.stop(proc)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        write_result(f"bench_forgetting_{args.row}", run_row(args.row, args.seed, args.model or base_model_dir()))
+    else:
+        for name in args.rows.split(","):
+            if name not in ROWS:
+                raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+            model = ["--model", str(args.model)] if args.model else []
+            subprocess.run([sys.executable, __file__, "--row", name, "--seed", str(args.seed), *model], check=True)
+        print(table())
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ class Hyperparameters(BaseModel):
     # Self-distillation replay (worker/training/replay.py): the parent's answers to everyday prompts, as a
     # share of the task's example count; None: the settings' default, 0: off.
     general_replay: float | None = Field(None, ge=0, le=4)
+    # Seed the task memory with the input directions of everyday chat (the parent's answers to the replay
+    # pool), protected like an earlier task from the first job on; None: OSFTConfig's default (off).
+    general_chat_memory: bool | None = None
     # Gate thresholds for this task (see worker/gates); None: the settings' defaults.
     gate_thresholds: dict[str, float] | None = None
 

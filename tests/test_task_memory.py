@@ -51,3 +51,45 @@ def test_projected_update_is_zero_on_the_protected_memory():
     delta = weight - parent
     assert (delta @ memory).norm() <= 1e-5 * delta.norm()
     assert (delta @ compute_bases(parent).Vh[:6].T).norm() <= 1e-5 * delta.norm()
+
+
+def everyday_batches(model_dir):
+    from transformers import AutoTokenizer
+
+    from worker.training.data import make_batches, tokenize_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chats = [[{"role": "user", "content": f"tell me about the {w}"}, {"role": "assistant", "content": f"the {w} is nice"}]
+             for w in ("sea", "sun", "moon", "tree", "city", "road", "bird", "rain")]
+    return make_batches([tokenize_chat(tokenizer, c, 64) for c in chats], 4, 1, tokenizer.pad_token_id)
+
+
+def test_a_chat_seeded_memory_protects_everyday_inputs_once_per_lineage(tiny_model_dir, redis_client, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sculptor.datasets import Hyperparameters
+    from sculptor.storage import ObjectStore
+    from tests.test_osft_invariant import chat_batches
+    from worker.osft import SubspaceRegistry, build_constraint, record_version
+
+    registry = SubspaceRegistry(redis_client, ObjectStore(tmp_path.as_uri()))
+    task, chat = chat_batches(tiny_model_dir, epochs=1), everyday_batches(tiny_model_dir)
+    seeded = Hyperparameters(general_chat_memory=True)
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # noqa: E731
+
+    plain = build_constraint(load(), Hyperparameters(), "base", registry, task[:1], chat_batches=chat)
+    assert not plain.general_chat_memory and not any(p.memory_rank for p in plain.plans.values())
+
+    model = load()
+    first = build_constraint(model, seeded, "base", registry, task[:1], chat_batches=chat)
+    assert first.general_chat_memory and first.report()["general_chat_memory"]
+    assert all(p.memory_rank > 0 for p in first.plans.values() if not p.spent)  # protected from the first job on
+    record = record_version(registry, model, "v1", "base", "task-1", first, memory_batches=task)
+    assert record["general_chat_memory"]
+
+    # The next job inherits the chat directions with the memory and does not add them a second time.
+    stored = registry.load_bases("v1", list(first.targets))
+    second = build_constraint(load(), seeded, "v1", registry, task[:1], chat_batches=chat)
+    assert second.general_chat_memory
+    for name, memory in second.memory.items():
+        assert torch.equal(memory, stored[name].memory)

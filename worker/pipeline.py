@@ -25,6 +25,7 @@ from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
 
 log = logging.getLogger("sculptor.worker")
 MEMORY_BATCHES = 32  # batches of the task's data that measure its input directions (one epoch, capped)
+CHAT_MEMORY_EXAMPLES = 64  # everyday answers that seed a general-chat memory when the job replays none
 
 
 @dataclass
@@ -74,9 +75,10 @@ class TrainingData:
     examples: int  # the task's own
     replayed: int  # the parent's answers to everyday prompts (worker/training/replay.py)
     train: list  # tokenized: what the optimizer sees
-    validation: list  # tokenized, held out of the task's examples for automatic hyperparameters
+    validation: list  # tokenized, held out of the task's examples while the learning rate is chosen
     truncated: int
     max_seq_len: int
+    replay: list  # tokenized: the replayed part of `train`
 
 
 def training_data_for(ctx: Context, task: TaskRecord, model, tokenizer, split_validation: bool) -> TrainingData:
@@ -89,7 +91,17 @@ def training_data_for(ctx: Context, task: TaskRecord, model, tokenizer, split_va
                   for part in (examples, replayed))
     own, validation = auto.validation_split(own, hp.seed) if split_validation else (own, [])
     truncated = sum(t.truncated for t in own + extra + validation)  # policy: truncate to max_seq_len, and say how many
-    return TrainingData(len(examples), len(replayed), own + extra, validation, truncated, max_len)
+    return TrainingData(len(examples), len(replayed), own + extra, validation, truncated, max_len, extra)
+
+
+def chat_memory_batches(hp, model, tokenizer, data: TrainingData, batch_size: int) -> list | None:
+    """Everyday prompts with the parent's answers, for a task memory seeded with general chat (off by default)."""
+    if not osft.OSFTConfig.from_hyperparameters(hp).general_chat_memory:
+        return None
+    tokenized = data.replay or [
+        training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], data.max_seq_len)
+        for e in replay.replay_examples(model, tokenizer, 1.0, CHAT_MEMORY_EXAMPLES, hp.seed)]
+    return training_data.make_batches(tokenized, batch_size, 1, tokenizer.pad_token_id, seed=hp.seed)
 
 
 def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData, batch_size: int, pad_id: int,
@@ -115,15 +127,19 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     auto_lr, auto_epochs = (_is_auto(v, settings.auto_hyperparameters) for v in (hp.learning_rate, hp.epochs))
     data = training_data_for(ctx, task, model, tokenizer, split_validation=auto_lr)
     batch_size = hp.batch_size or settings.default_batch_size
-    epochs = (auto.choose_epochs(len(data.train), batch_size, settings.default_epochs) if auto_epochs
+    # The validation split only chooses the learning rate (on probes that never see it); the run itself
+    # then trains on every example, so a task of facts that exist nowhere else can still be learned whole.
+    everything = data.train + data.validation
+    epochs = (auto.choose_epochs(len(everything), batch_size, settings.default_epochs) if auto_epochs
               else hp.epochs or settings.default_epochs)
-    batches = training_data.make_batches(data.train, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
+    batches = training_data.make_batches(everything, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
     if hp.max_steps:
         batches = batches[: hp.max_steps]
-    steps_per_epoch = max(1, -(-len(data.train) // batch_size))
+    steps_per_epoch = max(1, -(-len(everything) // batch_size))
 
     registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
-    constraint = osft.build_constraint(model, hp, parent, registry, batches[:4])
+    constraint = osft.build_constraint(model, hp, parent, registry, batches[:4],
+                                       chat_batches=chat_memory_batches(hp, model, tokenizer, data, batch_size))
     bf16 = use_bf16(settings.train_bf16)
     learning_rate, chosen = choose_learning_rate(ctx, hp, model, constraint, data, batch_size, tokenizer.pad_token_id,
                                                  bf16, epochs, len(batches))

@@ -66,7 +66,7 @@ class GateThresholds(BaseModel):
     benign_over_refusal_max_rise: int = 1  # items
     ifeval_max_drop: float = 0.03
     perplexity_max_ratio: float = 1.10
-    general_chat_max_nll_rise: float = 0.35  # nats per token; calibrated in bench/results/bench_forgetting.md
+    general_chat_max_nll_rise: float = 0.35  # nats per token; calibrated in bench/results/bench_general_chat.md
     collapse_min_ratio: float = 0.5  # the candidate's distinct answers and mean length, over the parent's
     power: float = 0.8  # for the detectable change each gate reports
     require_significance: bool = True

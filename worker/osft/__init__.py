@@ -48,8 +48,12 @@ def build_constraint(
     registry: SubspaceRegistry | None,
     importance_batches: list[dict[str, torch.Tensor]],
     config: OSFTConfig | None = None,
+    chat_batches: list[dict[str, torch.Tensor]] | None = None,
 ) -> SubspaceConstraint | FullFineTuning:
-    """The UpdateConstraint for `hyperparameters.method` on a model loaded from `parent_version`."""
+    """The UpdateConstraint for `hyperparameters.method` on a model loaded from `parent_version`.
+
+    `chat_batches` (everyday prompts with the parent's answers): with `config.general_chat_memory` and a
+    lineage whose memory holds no chat yet, their input directions join the memory as one more task."""
     config = config or OSFTConfig.from_hyperparameters(hyperparameters)
     parent_record = registry.get(parent_version) if registry else None
     parent_tasks = parent_record["tasks"] if parent_record else []
@@ -58,12 +62,18 @@ def build_constraint(
 
     targets = target_modules(model, config)
     bases, timings, hit = _parent_bases(targets, parent_version, parent_record, registry)
+    seeded = bool((parent_record or {}).get("general_chat_memory"))
+    if config.task_memory and config.general_chat_memory and chat_batches and not seeded:
+        _grow_memories(model, targets, bases, {name: b.memory for name, b in bases.items()}, chat_batches, config)
+        seeded = True
     started = time.monotonic()
     importance = layer_importance(model, importance_batches) if config.adaptive_ranks else {}
     timings["importance_s"] = time.monotonic() - started
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
     plans = plan_matrices(shapes, importance, parent_record, config)
-    return SubspaceConstraint(model, targets, plans, bases, config, parent_tasks, timings, hit)
+    constraint = SubspaceConstraint(model, targets, plans, bases, config, parent_tasks, timings, hit)
+    constraint.general_chat_memory = seeded and config.task_memory
+    return constraint
 
 
 def _parent_bases(
@@ -130,7 +140,8 @@ def record_version(
     uri = registry.store_bases(version, bases)
     record = {"version": version, "parent_version": parent_version,
               "tasks": [*constraint.parent_tasks, task_id], "bases_uri": uri,
-              "matrices": matrices, "svd_s": round(svd_s, 3)}
+              "matrices": matrices, "svd_s": round(svd_s, 3),
+              "general_chat_memory": bool(getattr(constraint, "general_chat_memory", False) and memory_batches)}
     registry.put(record)
     return record
 

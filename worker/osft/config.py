@@ -30,6 +30,9 @@ class OSFTConfig:
     # At most this share of the input directions the top-k rule leaves trainable goes to the memory
     # (its strongest directions), so every new task keeps room to learn.
     memory_share: float = 0.5
+    # Seed the memory once per lineage with the input directions of everyday chat (bench-forgetting's
+    # osft-chat-memory rows measure it; off by default).
+    general_chat_memory: bool = False
 
     def __post_init__(self) -> None:
         if not self.min_protected_ratio <= self.mean_protected_ratio <= self.max_protected_ratio:
@@ -50,5 +53,7 @@ class OSFTConfig:
         adaptive = hp.adaptive_ranks if hp.adaptive_ranks is not None else cls.adaptive_ranks
         memory = hp.task_memory if hp.task_memory is not None else cls.task_memory
         energy = hp.memory_energy if hp.memory_energy is not None else cls.memory_energy
+        chat = getattr(hp, "general_chat_memory", None)
         return cls(mean_protected_ratio=mean, min_protected_ratio=low, max_protected_ratio=high,
-                   adaptive_ranks=adaptive, task_memory=memory, memory_energy=energy)
+                   adaptive_ranks=adaptive, task_memory=memory, memory_energy=energy,
+                   general_chat_memory=cls.general_chat_memory if chat is None else chat)

@@ -72,6 +72,7 @@ class SubspaceConstraint:
         self.targets = targets
         self.projectors: dict[str, Projector] = {}
         self.memory: dict[str, torch.Tensor | None] = {}  # the parent's task memory, grown after training
+        self.general_chat_memory = False  # the memory holds everyday chat's directions (build_constraint)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self._trainable: list[torch.nn.Parameter] = []
@@ -101,6 +102,7 @@ class SubspaceConstraint:
             **{key: round(value, 3) for key, value in self.timings.items()},
             "adaptive_ranks": self.config.adaptive_ranks,
             "task_memory": self.config.task_memory,
+            "general_chat_memory": self.general_chat_memory,
             "tasks_absorbed": len(self.parent_tasks),
             **capacity_report(self.plans),
         }

@@ -13,7 +13,8 @@ times plain fine-tuning's, and a 16-example task needs many more epochs than a 2
     wins. Why the smallest: a larger step moves everything else more (bench/results/bench_general_chat.md:
     at lr 1e-3 the department task raised SmolLM2's perplexity on general text x1.7, at 3e-3 x2.1), and a
     rate that already makes most of the progress in the probe learns the task in the full run. The split is carved out of the
-    training data (never the gate's eval split) and is not trained on.
+    training data (never the gate's eval split); the probes never train on it, and the full run that
+    follows trains on every example, the split included.
 
 The job report carries the choice and the probe's losses (`training.auto`). Explicit hyperparameters win.
 """
