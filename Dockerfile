@@ -160,6 +160,8 @@ CMD ["python", "-m", "worker.main"]
 # The gateway with the vLLM engine in-process (the default target: last stage). It serves the version
 # that Redis calls current: on a fresh install run the bootstrap step first (compose's `bootstrap`
 # service, the k8s gateway's init container), which publishes the base model as v0.
+# It listens on 0.0.0.0, but without SCULPTOR_API_KEYS it answers loopback clients only (everyone else gets 403
+# naming the fix; service/api/exposure.py): pass keys, or SCULPTOR_ALLOW_OPEN=true to serve without them on purpose.
 FROM runtime AS gateway
 ENV SCULPTOR_HOST=0.0.0.0 \
     SCULPTOR_PORT=8000

@@ -39,6 +39,7 @@ VARIANTS = {  # name: hyperparameters (on top of the service's defaults)
     "old-defaults": {"method": "osft", "general_replay": 0.0, "learning_rate": 3e-4, "epochs": 2},  # issue 14's v1
     "osft-noreplay": {"method": "osft", "general_replay": 0.0},
     "osft": {"method": "osft"},  # the shipped default
+    "osft-chat-memory": {"method": "osft", "general_replay": 0.0, "general_chat_memory": True},
     "full-noreplay": {"method": "full", "general_replay": 0.0},
     "full": {"method": "full"},
 }

@@ -74,8 +74,10 @@ class Stack:
                  self.settings.host, self.settings.port)
 
     def bind_host(self) -> str:
-        """An open gateway (no API keys) listens on loopback only, whatever SCULPTOR_HOST says."""
-        if not self.settings.api_keys and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+        """An open gateway (no API keys) listens on loopback only, whatever SCULPTOR_HOST says, unless
+        SCULPTOR_ALLOW_OPEN=true. (The app itself also refuses non-loopback clients then: service/api/exposure.py.)"""
+        open_by_accident = not self.settings.api_keys and not self.settings.allow_open
+        if open_by_accident and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("no API keys configured: binding to 127.0.0.1 instead of %s", self.settings.host)
             return "127.0.0.1"
         return self.settings.host

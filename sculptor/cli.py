@@ -22,7 +22,7 @@ from typing import Iterator
 
 import httpx
 
-TERMINAL = {"promoted", "rejected", "failed", "cancelled"}
+TERMINAL = {"promoted", "rejected", "failed", "cancelled", "superseded"}
 
 
 class CliError(Exception):

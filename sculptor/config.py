@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ApiKey(BaseModel):
@@ -20,6 +22,9 @@ class ApiKey(BaseModel):
     def _one_form(self):
         if bool(self.key) == bool(self.key_sha256):
             raise ValueError(f"API key {self.name!r}: give exactly one of 'key' or 'key_sha256'")
+        if self.key_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.key_sha256):
+            raise ValueError(f"API key {self.name!r}: key_sha256 must be the key's SHA-256 as 64 hex digits "
+                             f"(`printf %s KEY | sha256sum`), got {self.key_sha256[:12]!r}...")
         return self
 
 
@@ -60,14 +65,21 @@ class Settings(BaseSettings):
     swap_lock_wait_s: float = 300.0  # how long a gateway waits for another gateway's swap before swapping anyway
     max_tokens_cap: int = 1024
 
-    # Access: no keys means an open gateway, which then binds to loopback only.
+    # Access: no keys means an open gateway, which answers loopback clients only (service/api/exposure.py)
+    # unless allow_open says that serving everyone without keys is meant.
     api_keys: list[ApiKey] = Field(default_factory=list)
+    allow_open: bool = False
     rate_limit_generate_per_min: int = 600  # per key (per client address when open); 0: unlimited
     rate_limit_uploads_per_min: int = 30
 
     # Uploads
     max_upload_bytes: int = 50 * 1024 * 1024
     max_examples: int = 100_000
+
+    # Webhooks (sculptor/webhooks.py): hosts (names or IP literals, as written in the URL) that may receive
+    # webhooks although they resolve to private, loopback or link-local addresses; every other host must
+    # resolve to public addresses only.
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Training defaults (overridable per task through `hyperparameters`)
     # Learning rate and epochs a task leaves unset are chosen per job (worker/training/auto.py); when off,
@@ -108,6 +120,10 @@ class Settings(BaseSettings):
     # Celery and job safety
     train_queue: str = "train"
     job_visibility_timeout_s: int = 6 * 3600  # a job unacknowledged this long is re-delivered
+    # Work bounds per job (worker/pipeline.py): tokens the optimizer may see (examples x epochs x length,
+    # padding excluded), and wall time from start to verdict. A job past either ends failed, saying which.
+    max_training_tokens: int = Field(20_000_000, gt=0)
+    job_time_limit_s: float = Field(4 * 3600, gt=0)
     job_lock_ttl_s: int = 60  # a dead worker's locks expire after this long (renewed while alive)
     job_order_wait_s: float = 600.0  # how long a job waits for older jobs held by other workers
     job_max_attempts: int = 2  # a job whose worker died is retried from the start up to this many runs
@@ -120,6 +136,14 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_max: int = Field(5, ge=0)
     restart_window_s: float = Field(300.0, gt=0)
+
+    @field_validator("webhook_allow_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value):
+        """A JSON list or a comma-separated string (`SCULPTOR_WEBHOOK_ALLOW_HOSTS=127.0.0.1,hooks.internal`)."""
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return [host.strip().lower() for host in value if host.strip()]
 
     @property
     def data_dir(self) -> Path:

@@ -11,7 +11,9 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sculptor.text import check_text
 
 Role = Literal["system", "user", "assistant"]
 Metric = Literal["exact_match", "contains", "rougeL"]
@@ -64,16 +66,19 @@ class Example(BaseModel):
 
 
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Per-task training settings. Every number is bounded, so one task cannot hold the worker for hours
+    or overflow a seed; the bounds are far beyond what the method needs (see README)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: Method = "osft"
     # "auto" (or None while SCULPTOR_AUTO_HYPERPARAMETERS is on, the default): the job chooses
     # (worker/training/auto.py); a number always wins.
-    epochs: int | Literal["auto"] | None = Field(None, ge=1, le=100)
-    learning_rate: float | Literal["auto"] | None = Field(None, gt=0, le=1)
-    batch_size: int | None = Field(None, ge=1, le=1024)
-    max_seq_len: int | None = Field(None, ge=16, le=32768)
-    max_steps: int | None = Field(None, ge=1)
-    seed: int = 0
+    epochs: int | Literal["auto"] | None = None  # 1 to 64
+    learning_rate: float | Literal["auto"] | None = None  # above 0, at most 0.1
+    batch_size: int | None = Field(None, ge=1, le=256)
+    max_seq_len: int | None = Field(None, ge=16, le=8192)
+    max_steps: int | None = Field(None, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's limit
     # SVD-constrained method (osft): protected ratios, see worker/osft/config.py.
     mean_protected_ratio: float | None = Field(None, ge=0, le=0.999)
     min_protected_ratio: float | None = Field(None, ge=0, le=0.999)
@@ -87,8 +92,32 @@ class Hyperparameters(BaseModel):
     # Seed the task memory with the input directions of everyday chat (the parent's answers to the replay
     # pool), protected like an earlier task from the first job on; None: OSFTConfig's default (off).
     general_chat_memory: bool | None = None
-    # Gate thresholds for this task (see worker/gates); None: the settings' defaults.
-    gate_thresholds: dict[str, float] | None = None
+    # Gate thresholds for this task (worker/gates/decide.py), stricter ones only and from admin keys only
+    # (service/api/routes/tasks.py); None: the settings' defaults.
+    gate_thresholds: dict[str, float | bool] | None = None
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_bounded(cls, value):
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError(f'must be from 1 to 64, or "auto" (got {value})')
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _learning_rate_bounded(cls, value):
+        if isinstance(value, float) and not 0 < value <= 0.1:
+            raise ValueError(f'must be above 0 and at most 0.1, or "auto" (got {value})')
+        return value
+
+    @model_validator(mode="after")
+    def _protected_ratios_ordered(self):
+        given = [(n, getattr(self, n)) for n in ("min_protected_ratio", "mean_protected_ratio", "max_protected_ratio")
+                 if getattr(self, n) is not None]
+        if any(low > high for (_, low), (_, high) in zip(given, given[1:])):
+            raise ValueError("protected ratios need min_protected_ratio <= mean_protected_ratio <= max_protected_ratio"
+                             f" (got {', '.join(f'{n}={v}' for n, v in given)})")
+        return self
 
 
 class DatasetError(ValueError):
@@ -131,13 +160,23 @@ def parse_jsonl(raw: bytes) -> list[Example]:
     except UnicodeDecodeError as err:
         raise DatasetError(f"the file is not UTF-8 text ({err.reason} at byte {err.start})") from None
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines() would also cut at U+2028 and other characters that a
+    # JSON string may hold as they are.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DatasetError(f"line {number} is not valid JSON: {err.msg} (column {err.colno})", number) from None
+        except RecursionError:
+            raise DatasetError(f"line {number} nests arrays or objects too deeply to read: an example is "
+                               '{"messages": [{"role": ..., "content": "..."}]}', number) from None
+        except ValueError as err:  # e.g. an integer of more than 4300 digits
+            raise DatasetError(f"line {number} cannot be read: {err}", number) from None
+        problem = check_text(obj, f"line {number}")
+        if problem:
+            raise DatasetError(problem, number, code="invalid_text")
         examples.append(parse_example(obj, number))
     if not examples:
         raise DatasetError("the file holds no examples", code="empty_dataset")
@@ -150,10 +189,12 @@ def parse_hyperparameters(obj: object) -> Hyperparameters:
         if hp.gate_thresholds:
             from worker.gates.decide import GateThresholds
 
-            GateThresholds().with_overrides(hp.gate_thresholds)  # unknown names fail here, not in the job
+            GateThresholds().check_overrides(hp.gate_thresholds)  # bad names and values fail here, not in the job
         return hp
     except ValidationError as err:
         raise DatasetError(f"hyperparameters: {_describe(err)}", code="invalid_hyperparameters") from None
+    except ValueError as err:
+        raise DatasetError(f"hyperparameters.gate_thresholds: {err}", code="invalid_hyperparameters") from None
 
 
 def to_jsonl(examples: list[Example]) -> bytes:

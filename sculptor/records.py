@@ -16,9 +16,13 @@ import redis
 from pydantic import BaseModel, Field
 
 from sculptor.datasets import Hyperparameters, Metric
+from sculptor.stored_secret import STORE_CONTEXT, StoredSecret
 
-JobStatus = Literal["validating", "queued", "running", "evaluating", "promoted", "rejected", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"promoted", "rejected", "failed", "cancelled"})
+# superseded: the candidate passed its gates, but the serving head had moved off its parent meanwhile.
+JobStatus = Literal["validating", "queued", "running", "evaluating", "promoted", "rejected", "failed", "cancelled",
+                    "superseded"]
+TERMINAL: frozenset[str] = frozenset({"promoted", "rejected", "failed", "cancelled", "superseded"})
+ANONYMOUS = "anonymous"  # the owner of what the open gateway (no API keys) records
 
 PREFIX = "sculptor"
 PROMOTIONS_CHANNEL = f"{PREFIX}:promotions"
@@ -44,7 +48,9 @@ class TaskRecord(BaseModel):
     num_eval_examples: int = 0
     size_bytes: int
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    webhook_url: str | None = None
+    webhook_url: str | None = None  # write-only: kept for delivery, never in an API answer
+    webhook_secret: StoredSecret = None  # signs its webhooks; shown once by POST /tasks, masked everywhere else
+    owner: str = ANONYMOUS  # the API key's name
     created_at: float = Field(default_factory=now)
 
 
@@ -61,6 +67,7 @@ class Progress(BaseModel):
 class JobRecord(BaseModel):
     job_id: str
     task_id: str
+    owner: str = ANONYMOUS  # the API key's name, as on its task
     status: JobStatus = "validating"
     created_at: float = Field(default_factory=now)
     timestamps: dict[str, float] = Field(default_factory=dict)
@@ -94,6 +101,15 @@ class JobEnded(RuntimeError):
     """A status change to a job that already reached a terminal state (e.g. cancelled meanwhile)."""
 
 
+class HeadMoved(RuntimeError):
+    """A promotion or activation found another serving head than the one it was decided against."""
+
+    def __init__(self, version: str, expected: str | None, head: str | None):
+        super().__init__(f"the serving head moved from {expected} to {head} (an admin activated another version, "
+                         f"or another job promoted), so {version} was not made current")
+        self.version, self.expected, self.head = version, expected, head
+
+
 class _JsonStore:
     kind: str
     model: type[BaseModel]
@@ -109,7 +125,7 @@ class _JsonStore:
 
     def put(self, ident: str, record: BaseModel, created_at: float) -> None:
         pipe = self.r.pipeline()
-        pipe.set(self._key(ident), record.model_dump_json())
+        pipe.set(self._key(ident), record.model_dump_json(context=STORE_CONTEXT))
         pipe.zadd(self._index(), {ident: created_at}, nx=True)
         pipe.execute()
 
@@ -217,25 +233,47 @@ class VersionStore(_JsonStore):
         return self.r.get(self.current_key)
 
     def promote(self, version: ModelVersion) -> None:
-        """Record `version` in the lineage, make it current, and tell every gateway."""
-        version.promoted_at = now()
-        pipe = self.r.pipeline()
-        pipe.set(self._key(version.version), version.model_dump_json())
-        pipe.zadd(self._index(), {version.version: version.created_at}, nx=True)
-        pipe.set(self.current_key, version.version)
-        pipe.publish(PROMOTIONS_CHANNEL, json.dumps({"version": version.version,
-                                                     "checkpoint_uri": version.checkpoint_uri}))
-        pipe.execute()
+        """Record `version` in the lineage, make it current, and tell every gateway.
 
-    def activate(self, name: str) -> ModelVersion:
+        A compare-and-set: the head must still be `version.parent` (what the candidate was trained and
+        gated against), else HeadMoved and nothing changes. So a rollback is never undone by a job that
+        started before it, and the lineage never forks.
+        """
+        version.promoted_at = now()
+
+        def write(pipe) -> None:
+            pipe.set(self._key(version.version), version.model_dump_json())
+            pipe.zadd(self._index(), {version.version: version.created_at}, nx=True)
+
+        self._set_head(version, version.parent, write)
+
+    def activate(self, name: str, expected_head: str | None = None) -> ModelVersion:
+        """Make a recorded version current (rollback or roll forward); with `expected_head`, only if the
+        head is still that version (HeadMoved otherwise)."""
         version = self.get(name)
         if version is None:
             raise KeyError(name)
-        pipe = self.r.pipeline()
-        pipe.set(self.current_key, name)
-        pipe.publish(PROMOTIONS_CHANNEL, json.dumps({"version": name, "checkpoint_uri": version.checkpoint_uri}))
-        pipe.execute()
+        self._set_head(version, expected_head, check=expected_head is not None)
         return version
+
+    def _set_head(self, version: ModelVersion, expected: str | None, write=None, check: bool = True) -> None:
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.current_key)
+                    head = pipe.get(self.current_key)
+                    if check and head != expected:
+                        raise HeadMoved(version.version, expected, head)
+                    pipe.multi()
+                    if write:
+                        write(pipe)
+                    pipe.set(self.current_key, version.version)
+                    pipe.publish(PROMOTIONS_CHANNEL, json.dumps({"version": version.version,
+                                                                 "checkpoint_uri": version.checkpoint_uri}))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
 
 def connect(url: str) -> redis.Redis:

@@ -18,6 +18,7 @@ from sculptor.config import Settings, get_settings
 from sculptor.context import Context
 from service import metrics
 from service.api import errors
+from service.api.exposure import MESSAGE, LoopbackOnly, is_loopback_host
 from service.api.security import KeyRing
 from service.api.routes import dashboard, generate, health, jobs, models, openai, registry, tasks
 from service.engines.base import Engine
@@ -106,10 +107,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="A model server that keeps learning without forgetting.")
     app.state.ctx = Context.from_settings(settings)
     app.state.keyring = KeyRing(settings.api_keys)
-    if app.state.keyring.open:
-        log.warning("no API keys configured: the gateway is open to anyone who can reach it")
     errors.install(app)
     app.middleware("http")(record_request)
     for module in (tasks, jobs, generate, openai, models, registry, health, dashboard):
         app.include_router(module.router)
+    if app.state.keyring.open:
+        guard_open_gateway(app, settings)
     return app
+
+
+def guard_open_gateway(app: FastAPI, settings: Settings) -> None:
+    """Without keys, answer loopback clients only (service/api/exposure.py) unless allow_open says otherwise."""
+    if settings.allow_open:
+        log.warning("no API keys configured and SCULPTOR_ALLOW_OPEN=true: the gateway grants every scope, "
+                    "admin included, to anyone who can reach it")
+        return
+    app.add_middleware(LoopbackOnly)  # added last: the outermost layer, before routing and metrics
+    if not is_loopback_host(settings.host):
+        log.warning("no API keys configured: SCULPTOR_HOST=%s, but only loopback clients will be answered (%s)",
+                    settings.host, MESSAGE)

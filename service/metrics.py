@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 REQUESTS = Counter("sculptor_http_requests_total", "HTTP requests", ["route", "method", "status"])
@@ -31,10 +33,10 @@ def set_replica(index: int, version: str | None, admitted: bool) -> None:
 
 def refresh_job_gauges(ctx) -> None:
     """Job-derived gauges, computed from the job records at scrape time (one source of truth)."""
-    from sculptor.records import JobRecord
+    from sculptor.records import JobRecord, JobStatus
 
     jobs: list[JobRecord] = ctx.jobs.all()
-    for status in ("validating", "queued", "running", "evaluating", "promoted", "rejected", "failed", "cancelled"):
+    for status in get_args(JobStatus):
         JOBS.labels(status).set(sum(j.status == status for j in jobs))
     QUEUE_DEPTH.set(ctx.redis.llen(ctx.settings.train_queue))
     gated = [j for j in jobs if j.gates]

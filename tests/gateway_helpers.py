@@ -21,13 +21,14 @@ def tiny_settings(var_dir, redis_url, model_dir, **overrides) -> Settings:
 
 
 @contextmanager
-def running_gateway(settings: Settings):
-    """Yield (base_url, ctx) for a gateway serving v0 on a fresh Redis database."""
+def running_gateway(settings: Settings, host: str = "127.0.0.1"):
+    """Yield (base_url, ctx) for a gateway serving v0 on a fresh Redis database (uvicorn bound to `host`;
+    base_url is on 127.0.0.1 either way)."""
     ctx = Context.from_settings(settings)
     ctx.redis.flushdb()
     ensure_initial_version(settings, ctx.redis, ctx.store)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -71,16 +71,35 @@ def container(obj: dict) -> dict:
     return containers[0]
 
 
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` with no variables set: the default."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+# What the user must set before `docker compose up` (the file says so): the gateway's API keys.
+USER_VARIABLES = {"SCULPTOR_API_KEYS": json.dumps([{"name": "ops", "key_sha256": "ab" * 32, "scopes": ["admin"]}])}
 
 
-def compose_env(service: dict) -> dict[str, str]:
+class MissingVariable(AssertionError):
+    pass
+
+
+def interpolate(value: str, variables: dict[str, str] | None = None) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}` given `variables` (none by default), as
+    `docker compose` does it: `:?` stops with its message when VAR is unset or empty."""
+    variables = variables or {}
+
+    def substitute(m: re.Match) -> str:
+        name, operator, word = m.group(1), m.group(2), m.group(3) or ""
+        if variables.get(name):
+            return variables[name]
+        if operator in (":?", "?"):
+            raise MissingVariable(f"{name}: {word}")
+        return word
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", substitute, str(value))
+
+
+def compose_env(service: dict, variables: dict[str, str] | None = USER_VARIABLES) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {k: interpolate(v) for k, v in env.items()}
+    return {k: interpolate(v, variables) for k, v in env.items()}
 
 
 def settings_from_env(monkeypatch, env: dict[str, str]) -> Settings:
@@ -314,6 +333,19 @@ def test_compose_worker_and_gateway_reserve_a_gpu():
         services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
 
 
+def test_compose_gateway_needs_api_keys(monkeypatch):
+    """No keys, no start: compose stops with a message naming SCULPTOR_API_KEYS; with them the gateway is closed."""
+    gateway = compose()["services"]["gateway"]
+    with pytest.raises(MissingVariable, match="SCULPTOR_API_KEYS"):
+        compose_env(gateway, variables={})
+    settings = settings_from_env(monkeypatch, compose_env(gateway))
+    assert settings.api_keys and settings.api_keys[0].scopes == ["admin"]
+    assert settings.allow_open is False, "an open gateway is an explicit choice, never the default"
+    for name, service in compose()["services"].items():
+        if name != "gateway":
+            assert "SCULPTOR_API_KEYS" not in service.get("environment", {}), f"{name} needs no API keys"
+
+
 def test_compose_flower_watches_the_broker():
     services = compose()["services"]
     command = services["flower"]["command"]
@@ -391,6 +423,9 @@ def test_k8s_references_resolve():
                 if ref:
                     cm = find("ConfigMap", ref["name"])
                     assert ref["key"] in cm["data"]
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in find("Secret", ref["name"])["stringData"]
             volumes = {v["name"] for v in pod_spec(obj).get("volumes", [])}
             volumes |= {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
             assert c["image"] in {container(d)["image"] for d in k8s_objects() if d["kind"] in ("Deployment", "StatefulSet")}
@@ -482,6 +517,25 @@ def test_k8s_s3_secret_carries_the_aws_variables():
         assert refs == ["sculptor-s3"]
 
 
+def test_k8s_gateway_takes_its_api_keys_from_a_secret(monkeypatch):
+    env = {v["name"]: v for v in container(find("Deployment", "sculptor-gateway"))["env"]}
+    ref = env["SCULPTOR_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref.get("optional") is not True, "a gateway must not start without its keys"
+    secret = find("Secret", ref["name"])
+    assert ref["name"] == "sculptor-api-keys" and ref["key"] in secret["stringData"]
+    assert "SCULPTOR_ALLOW_OPEN" not in env
+    assert "SCULPTOR_ALLOW_OPEN" not in find("ConfigMap", "sculptor-config")["data"]
+    # The shipped placeholder is no key at all: the gateway stops at start-up with a message naming it,
+    # rather than serving open or with a key nobody holds.
+    with pytest.raises(ValueError, match="key_sha256 must be the key's SHA-256"):
+        settings_from_env(monkeypatch, {"SCULPTOR_API_KEYS": secret["stringData"][ref["key"]]})
+    # The format it documents works once the placeholder is replaced.
+    real = secret["stringData"][ref["key"]].replace("REPLACE_ME_WITH_THE_SHA256_OF_YOUR_KEY", "0" * 64)
+    assert settings_from_env(monkeypatch, {"SCULPTOR_API_KEYS": real}).api_keys
+    # The workers train; they do not need (and must not hold) the gateway's keys.
+    assert "SCULPTOR_API_KEYS" not in {v["name"] for v in container(find("Deployment", "sculptor-worker")).get("env", [])}
+
+
 # ---------------------------------------------------------------------------------------------- Dockerfile
 
 
@@ -516,6 +570,8 @@ def test_dockerfile_sculptor_env_names_are_settings():
             names |= set(re.findall(r"(?:^|\s)([A-Z_][A-Z0-9_]*)=", args))
     assert "SCULPTOR_VAR_DIR" in names
     check_sculptor_names(names, "Dockerfile")
+    # The image listens on 0.0.0.0 and has no keys of its own: it must not open itself up.
+    assert "SCULPTOR_ALLOW_OPEN" not in names and "SCULPTOR_API_KEYS" not in names
 
 
 def test_dockerfile_installs_like_the_makefile():

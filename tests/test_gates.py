@@ -282,11 +282,12 @@ def test_a_one_item_drop_is_noise_unless_significance_is_off():
     assert strict.failed == ["retention:A"]
 
 
-def test_per_task_threshold_overrides():
+def test_per_task_threshold_overrides_only_tighten():
     candidate = _version({"A": [1] * 10 + [0] * 10, "B": [1] * 20})
-    report = decide(candidate, PARENT, "B", task_thresholds={"A": {"retention_max_drop": 0.6}})
-    assert report.passed
-    assert report.gates[1].threshold == 0.6
+    looser = decide(candidate, PARENT, "B", task_thresholds={"A": {"retention_max_drop": 0.6}})
+    assert looser.failed == ["retention:A"] and looser.gates[1].threshold == 0.03  # a looser override is ignored
+    stricter = decide(candidate, PARENT, "B", task_thresholds={"A": {"retention_max_drop": 0.01}})
+    assert stricter.gates[1].threshold == 0.01
 
 
 def test_losing_refusals_fails_the_safety_gate():

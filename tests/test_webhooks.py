@@ -1,4 +1,8 @@
-"""Webhook delivery against a real HTTP server on loopback (http.server in a thread)."""
+"""Webhook delivery against a real HTTP server on loopback (http.server in a thread).
+
+Loopback is no webhook target (sculptor/webhooks.py): these deliveries name it in allow_hosts, as
+SCULPTOR_WEBHOOK_ALLOW_HOSTS would.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,13 @@ import pytest
 
 from sculptor.records import JobRecord, Progress, TaskRecord
 from sculptor.redis_server import free_port
-from sculptor.webhooks import notify_terminal
+from sculptor.webhooks import notify_terminal as deliver
+
+LOOPBACK = ["127.0.0.1"]
+
+
+def notify_terminal(task, job, **kwargs):
+    return deliver(task, job, allow_hosts=LOOPBACK, **kwargs)
 
 
 class Receiver:
@@ -57,7 +67,7 @@ def receiver_factory():
 
 def task_with(url: str | None) -> TaskRecord:
     return TaskRecord(task_id="task_1", name="demo", digest="d", dataset_uri="file:///x", num_examples=3,
-                      size_bytes=10, webhook_url=url)
+                      size_bytes=10, webhook_url=url, webhook_secret="whsec_test")
 
 
 JOB = JobRecord(job_id="job_1", task_id="task_1", status="promoted", parent_version="v0", candidate_version="v1",

@@ -1,14 +1,15 @@
 """One training job, start to finish: load → train → save candidate → gate → promote.
 
 Each step is one function below; `run_job` is the whole flow in one screen. The job record
-moves queued → running → evaluating → promoted | rejected | failed | cancelled, and nothing
-is promoted unless every step before it finished.
+moves queued → running → evaluating → promoted | rejected | failed | cancelled | superseded, and
+nothing is promoted unless every step before it finished and the head is still the job's parent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.datasets import Example
-from sculptor.records import CANDIDATES_CHANNEL, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
+from sculptor.records import CANDIDATES_CHANNEL, HeadMoved, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
 from worker import gating, osft
 from worker.training import data as training_data
 from worker.training import auto, replay
@@ -26,6 +27,27 @@ from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
 log = logging.getLogger("sculptor.worker")
 MEMORY_BATCHES = 32  # batches of the task's data that measure its input directions (one epoch, capped)
 CHAT_MEMORY_EXAMPLES = 64  # everyday answers that seed a general-chat memory when the job replays none
+
+
+class JobTooLarge(RuntimeError):
+    """The job would train on more tokens than `max_training_tokens` allows."""
+
+
+class JobTimeLimit(RuntimeError):
+    """The job ran past `job_time_limit_s`."""
+
+
+class Deadline:
+    """The job's wall-time bound. Checked at every training step and before the gates; a Celery time limit
+    would not do, since the solo pool the worker runs (one job owns the accelerator) ignores it."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s, self.ends = limit_s, time.monotonic() + limit_s
+
+    def check(self, where: str) -> None:
+        if time.monotonic() > self.ends:
+            raise JobTimeLimit(f"the job ran past its time limit of {self.limit_s:.0f} s {where} "
+                               f"(SCULPTOR_JOB_TIME_LIMIT_S); upload fewer examples or set fewer epochs or max_steps")
 
 
 @dataclass
@@ -50,8 +72,10 @@ def run_job(ctx: Context, job_id: str) -> JobRecord:
     except JobEnded:
         return ctx.jobs.get(job_id)  # cancelled between the check above and now
     task = ctx.tasks.get(job.task_id)
+    deadline = Deadline(ctx.settings.job_time_limit_s)
     try:
-        candidate = train_candidate(ctx, job, task, parent)
+        candidate = train_candidate(ctx, job, task, parent, deadline)
+        deadline.check("before its gates")
         ctx.jobs.update(job_id, status="evaluating", candidate_version=candidate.version,
                         training=candidate.training)
         report = gating.evaluate_candidate(ctx, task, parent, candidate.version, candidate.model_dir,
@@ -66,8 +90,11 @@ def run_job(ctx: Context, job_id: str) -> JobRecord:
         return ctx.jobs.update(job_id, status="promoted", gates=report)
     except TrainingCancelled as err:
         return ctx.jobs.update(job_id, status="cancelled", error=str(err))
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, JobTooLarge, JobTimeLimit) as err:
         return ctx.jobs.update(job_id, status="failed", error=str(err))
+    except HeadMoved as err:  # from promote(): e.g. an admin rolled back while this job trained
+        return ctx.jobs.update(job_id, status="superseded", gates=report,
+                               error=f"{err}; its gates passed: resubmit the task to retrain it on {err.head}")
 
 
 @dataclass
@@ -119,7 +146,16 @@ def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData
                f"{epochs} epochs for at least {auto.MIN_STEPS} steps")
 
 
-def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str) -> Candidate:
+def check_token_budget(batches: training_data.Batches, limit: int, examples: int, epochs: int) -> None:
+    tokens = batches.tokens()
+    if tokens > limit:
+        raise JobTooLarge(f"the job would train on {tokens:,} tokens ({examples} examples over {epochs} epochs), "
+                          f"more than SCULPTOR_MAX_TRAINING_TOKENS={limit:,}; upload fewer or shorter examples, "
+                          f"or set fewer epochs or max_steps")
+
+
+def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
+                    deadline: Deadline | None = None) -> Candidate:
     settings = ctx.settings
     hp = task.hyperparameters
     parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
@@ -135,6 +171,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
     batches = training_data.make_batches(everything, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
     if hp.max_steps:
         batches = batches[: hp.max_steps]
+    check_token_budget(batches, settings.max_training_tokens, len(everything), epochs)
+    deadline = deadline or Deadline(settings.job_time_limit_s)
     steps_per_epoch = max(1, -(-len(everything) // batch_size))
 
     registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
@@ -150,7 +188,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str)
         steps_per_epoch=steps_per_epoch,
         bf16_autocast=bf16,
         on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
-        should_stop=lambda: ctx.jobs.get(job.job_id).cancel_requested,
+        should_stop=lambda: deadline.check("while training") or ctx.jobs.get(job.job_id).cancel_requested,
     )
     version = ctx.versions.next_name()
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)

@@ -3,7 +3,10 @@
 Keys come from settings (`SCULPTOR_API_KEYS`, JSON: `[{"name", "key" | "key_sha256", "scopes"}]`)
 and are kept only as SHA-256 digests, compared in constant time. Scopes: `generate` (generation
 routes), `tasks` (upload and status), `admin` (everything, plus activate and force-promote).
-With no keys configured the gateway is open, and then binds to loopback only (service/app.py).
+With no keys configured the gateway is open, and then answers loopback clients only (service/api/exposure.py)
+unless SCULPTOR_ALLOW_OPEN=true.
+Tenants: tasks and jobs belong to the key that created them (its name); a key without `admin`
+sees only its own, and only `admin` may set a task's gate thresholds.
 
 Rate limits are fixed one-minute windows counted in Redis per key (per client address when open);
 if Redis is away, requests are let through rather than failed: serving must outlive Redis.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 
 from sculptor.config import ApiKey
+from sculptor.records import ANONYMOUS
 from service.api.errors import ApiError
 
 SCOPES = ("generate", "tasks", "admin")
@@ -30,8 +34,16 @@ class Caller:
     name: str
     scopes: frozenset[str]
 
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
 
-OPEN = Caller("anonymous", frozenset(SCOPES))
+    def may_see(self, owner: str) -> bool:
+        """A record of `owner`'s: an admin (and the open gateway, which holds every scope) sees all."""
+        return self.is_admin or owner == self.name
+
+
+OPEN = Caller(ANONYMOUS, frozenset(SCOPES))
 
 
 def digest(key: str) -> str:

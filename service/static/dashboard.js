@@ -7,7 +7,7 @@
 
 const JOBS_POLL_MS = 2000;
 const FULL_EVERY = 3; // polls: lineage, accuracy, gates and registry refresh every 3rd poll
-const TERMINAL = new Set(["promoted", "rejected", "failed", "cancelled"]);
+const TERMINAL = new Set(["promoted", "rejected", "failed", "cancelled", "superseded"]);
 const state = { serving: null, current: null, taskNames: {}, polls: 0, jobStatuses: "" };
 
 // ---------- helpers ----------
@@ -95,7 +95,7 @@ function progressCell(job) {
   } else if (job.status === "evaluating") {
     width = 100; text = "running regression gates…";
   } else if (TERMINAL.has(job.status)) {
-    width = job.status === "promoted" || job.status === "rejected" ? 100 : width;
+    width = ["promoted", "rejected", "superseded"].includes(job.status) ? 100 : width;
     text = total ? `${p.step} / ${total} steps · final loss ${num(p.loss)}` : "";
   } else {
     text = "waiting for a worker";

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,16 +57,33 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def make_batches(
-    tokenized: list[TokenizedExample], batch_size: int, epochs: int, pad_id: int, seed: int = 0
-) -> list[dict[str, torch.Tensor]]:
-    """Shuffled batches for all epochs (a fixed list, so total_steps is known up front)."""
+class Batches(Sequence):
+    """The job's batches in order; each is collated only when it is read, so a long job holds token ids, not
+    every epoch's tensors. Slicing gives a Batches of the same examples (e.g. the first epoch's)."""
+
+    def __init__(self, examples: list[TokenizedExample], order: list[list[int]], pad_id: int):
+        self.examples, self.order, self.pad_id = examples, order, pad_id
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Batches(self.examples, self.order[index], self.pad_id)
+        return collate([self.examples[i] for i in self.order[index]], self.pad_id)
+
+    def tokens(self) -> int:
+        """Tokens the optimizer will see, padding excluded."""
+        return sum(len(self.examples[i].input_ids) for batch in self.order for i in batch)
+
+
+def make_batches(tokenized: list[TokenizedExample], batch_size: int, epochs: int, pad_id: int, seed: int = 0) -> Batches:
+    """Shuffled batches for all epochs (a fixed order, so total_steps is known up front)."""
     rng = random.Random(seed)
     usable = [e for e in tokenized if any(label != IGNORE_INDEX for label in e.labels)]
-    batches = []
+    order = []
     for _ in range(epochs):
-        order = list(range(len(usable)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            batches.append(collate([usable[i] for i in order[start:start + batch_size]], pad_id))
-    return batches
+        shuffled = list(range(len(usable)))
+        rng.shuffle(shuffled)
+        order += [shuffled[start:start + batch_size] for start in range(0, len(shuffled), batch_size)]
+    return Batches(usable, order, pad_id)

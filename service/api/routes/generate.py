@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette.sse import EventSourceResponse
 
+from sculptor.text import Text
 from service.api.deps import get_serving
 from service.api.security import require
 from service.generation import collect, open_stream
@@ -20,18 +21,18 @@ router = APIRouter(tags=["generate"])
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = None
-    seed: int | None = None
+    stop: list[Text] | Text | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # what the engines take (a signed 64-bit integer)
     stream: bool = False
 
     @model_validator(mode="after")

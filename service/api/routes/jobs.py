@@ -1,4 +1,7 @@
-"""GET /jobs, GET /jobs/{id}, GET /jobs/{id}/events (JSON or SSE), POST /jobs/{id}/cancel."""
+"""GET /jobs, GET /jobs/{id}, GET /jobs/{id}/events (JSON or SSE), POST /jobs/{id}/cancel.
+
+A key that is not admin sees and touches only its own jobs; another key's job answers 404, as if absent.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +15,27 @@ from pydantic import BaseModel
 
 from sculptor import checkpoints
 from sculptor.context import Context
-from sculptor.records import TERMINAL, ModelVersion
+from sculptor.records import TERMINAL, HeadMoved, JobRecord, ModelVersion
 from sculptor.webhooks import announce
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
-from service.api.security import require
+from service.api.security import Caller, require
 
 router = APIRouter(tags=["jobs"])
-status_reader = [require("tasks")]
+status_reader = require("tasks")
 
 
-def _job_or_404(ctx: Context, job_id: str):
+def _job_or_404(ctx: Context, job_id: str, caller: Caller) -> JobRecord:
     job = ctx.jobs.get(job_id)
-    if job is None:
+    if job is None or not caller.may_see(job.owner):
         raise ApiError(404, "job_not_found", f"no job {job_id!r}")
     return job
 
 
-@router.get("/jobs", dependencies=status_reader)
+@router.get("/jobs")
 async def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), status: str | None = None,
-                    task_id: str | None = None, ctx: Context = Depends(get_ctx)):
-    jobs = ctx.jobs.all()
+                    task_id: str | None = None, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+    jobs = [j for j in ctx.jobs.all() if caller.may_see(j.owner)]
     if status:
         jobs = [j for j in jobs if j.status == status]
     if task_id:
@@ -40,14 +43,14 @@ async def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, l
     return {"jobs": [j.model_dump() for j in jobs[offset:offset + limit]], "total": len(jobs), "offset": offset}
 
 
-@router.get("/jobs/{job_id}", name="get_job", dependencies=status_reader)
-async def get_job(job_id: str, ctx: Context = Depends(get_ctx)):
-    return _job_or_404(ctx, job_id).model_dump()
+@router.get("/jobs/{job_id}", name="get_job")
+async def get_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+    return _job_or_404(ctx, job_id, caller).model_dump()
 
 
-@router.get("/jobs/{job_id}/events", dependencies=status_reader)
-async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_ctx)):
-    _job_or_404(ctx, job_id)
+@router.get("/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+    _job_or_404(ctx, job_id, caller)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return {"job_id": job_id, "events": ctx.jobs.events(job_id)}
     return EventSourceResponse(_stream_events(ctx, job_id, request))
@@ -66,9 +69,9 @@ async def _stream_events(ctx: Context, job_id: str, request: Request):
         await asyncio.sleep(0.5)
 
 
-@router.post("/jobs/{job_id}/cancel", dependencies=status_reader)
-async def cancel_job(job_id: str, ctx: Context = Depends(get_ctx)):
-    job = _job_or_404(ctx, job_id)
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+    job = _job_or_404(ctx, job_id, caller)
     if job.finished:
         raise ApiError(409, "job_finished", f"job {job_id} already ended as {job.status}; nothing to cancel")
     if job.status in ("validating", "queued"):
@@ -83,10 +86,11 @@ class PromoteRequest(BaseModel):
     force: bool = False
 
 
-@router.post("/jobs/{job_id}/promote", dependencies=[require("admin")])
-async def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_ctx)):
+@router.post("/jobs/{job_id}/promote")
+async def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_ctx),
+                        caller: Caller = require("admin")):
     """Serve a rejected candidate anyway (admin). Recorded as forced in the lineage."""
-    job = _job_or_404(ctx, job_id)
+    job = _job_or_404(ctx, job_id, caller)
     if not body.force:
         raise ApiError(400, "force_required", 'promoting past failed gates needs {"force": true}')
     if job.status != "rejected" or not job.candidate_version:
@@ -97,9 +101,13 @@ async def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depend
     if not checkpoints.is_committed(ctx.store, job.candidate_version):
         raise ApiError(409, "checkpoint_missing", f"candidate {job.candidate_version} has no committed checkpoint")
     gates = job.gates or {}
-    ctx.versions.promote(ModelVersion(
-        version=job.candidate_version, parent=job.parent_version, task_id=job.task_id, job_id=job_id,
-        checkpoint_uri=ctx.store.uri(checkpoints.prefix(job.candidate_version)), forced=True,
-        gate_summary={"passed": False, "forced": True, "summary": gates.get("summary"), "failed": gates.get("failed")},
-    ))
+    try:  # a compare-and-set on the head: the check above may be stale by now
+        ctx.versions.promote(ModelVersion(
+            version=job.candidate_version, parent=job.parent_version, task_id=job.task_id, job_id=job_id,
+            checkpoint_uri=ctx.store.uri(checkpoints.prefix(job.candidate_version)), forced=True,
+            gate_summary={"passed": False, "forced": True, "summary": gates.get("summary"),
+                          "failed": gates.get("failed")},
+        ))
+    except HeadMoved as moved:
+        raise ApiError(409, "lineage_moved", f"{moved}; resubmit the task to train on {moved.head}") from None
     return ctx.jobs.update(job_id, reopen=True, status="promoted", gates={**gates, "forced": True}).model_dump()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from sculptor.context import Context
+from sculptor.records import HeadMoved
 from service.api.deps import get_ctx, get_serving
 from service.api.errors import ApiError
 from service.api.security import require
@@ -26,9 +27,15 @@ async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = D
 async def activate(version: str, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     if ctx.versions.get(version) is None:
         raise ApiError(404, "model_not_found", f"no promoted version {version!r}; see GET /models")
+    head = ctx.versions.current()
     serving.refused.discard(version)
     record = await serving.swap_to(version)
     if not record.ok:
         raise ApiError(409, "swap_failed", f"{record.error}; still serving {serving.version}")
-    ctx.versions.activate(version)  # other gateways follow through the promotion channel
+    try:  # a compare-and-set: a promotion that landed during the swap is not silently overwritten
+        ctx.versions.activate(version, expected_head=head)  # other gateways follow through the promotion channel
+    except HeadMoved as moved:
+        raise ApiError(409, "lineage_moved", f"{moved} while this gateway swapped to it; the gateway follows "
+                       f"{moved.head} again within seconds: see GET /models, then activate {version} again "
+                       "if it should still serve") from None
     return {"serving": serving.version, "swap": record.__dict__}

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
+from sculptor.text import Text
 from service.api.deps import get_serving
 from service.api.errors import ApiError
 from service.api.security import require
@@ -28,7 +29,7 @@ generation = [require("generate", limit="generate")]
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class StreamOptions(BaseModel):
@@ -37,13 +38,13 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str = "current"
+    model: Text = "current"
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = None
-    seed: int | None = None
+    stop: list[Text] | Text | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # what the engines take (a signed 64-bit integer)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -59,7 +60,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    prompt: Text
 
 
 def _check_model(serving: ServingModel, name: str) -> None:

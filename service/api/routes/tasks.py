@@ -5,22 +5,24 @@ A rejected upload stores nothing and enqueues nothing: every check runs before t
 
 from __future__ import annotations
 
-import json
-from urllib.parse import urlsplit
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import FormData
 
-from sculptor import datasets
+from sculptor import datasets, webhooks
 from sculptor.context import Context
 from sculptor.datasets import DatasetError, Example, Hyperparameters, Metric
-from sculptor.records import JobRecord, TaskRecord, new_id
+from sculptor.records import ANONYMOUS, JobRecord, TaskRecord, new_id
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
-from service.api.security import require
+from service.api.uploads import file_field, json_field, load_json, read_body, read_form, text_field
+from service.api.security import Caller, require
 from worker.celery_app import enqueue
+from worker.gates.decide import GateThresholds
 from worker.gates.splits import split_eval
 
 router = APIRouter(tags=["tasks"])
@@ -59,15 +61,34 @@ UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/tasks", status_code=202, dependencies=[require("tasks", limit="upload")], openapi_extra=UPLOAD_SCHEMA)
-async def create_task(request: Request, ctx: Context = Depends(get_ctx)):
+@router.post("/tasks", status_code=202, openapi_extra=UPLOAD_SCHEMA)
+async def create_task(request: Request, ctx: Context = Depends(get_ctx),
+                      caller: Caller = require("tasks", limit="upload")):
     submission = await read_submission(request, ctx.settings.max_upload_bytes, ctx.settings.max_examples)
-    task, job = store_and_enqueue(ctx, submission)
-    return JSONResponse(
-        {"task_id": task.task_id, "job_id": job.job_id, "status": job.status,
-         "status_url": str(request.url_for("get_job", job_id=job.job_id))},
-        status_code=202,
-    )
+    check_gate_overrides(caller, submission.hyperparameters, ctx.settings.gate_thresholds)
+    task, job = store_and_enqueue(ctx, submission, owner=caller.name)
+    answer = {"task_id": task.task_id, "job_id": job.job_id, "status": job.status,
+              "status_url": str(request.url_for("get_job", job_id=job.job_id))}
+    if task.webhook_secret:  # shown this once: it signs the task's webhooks (README.md, Webhooks)
+        answer["webhook_secret"] = task.webhook_secret.get_secret_value()
+    return JSONResponse(answer, status_code=202)
+
+
+def check_gate_overrides(caller: Caller, hp: Hyperparameters, configured: dict) -> None:
+    """Gate thresholds decide what gets served: only an admin may set them per task, and only stricter
+    than the configured ones (`configured`: SCULPTOR_GATE_THRESHOLDS)."""
+    if not hp.gate_thresholds:
+        return
+    if not caller.is_admin:
+        raise ApiError(403, "gate_thresholds_forbidden",
+                       f"only an admin key may set hyperparameters.gate_thresholds (they decide whether a candidate "
+                       f"is promoted); the key {caller.name!r} has scopes {sorted(caller.scopes)}: leave the field "
+                       "out to use the configured gates")
+    loosened = GateThresholds(**configured).loosened(hp.gate_thresholds)
+    if loosened:
+        raise ApiError(400, "gate_threshold_loosened",
+                       "; ".join(loosened) + ". A task may only make a gate stricter; a looser gate for every job "
+                       "is set with SCULPTOR_GATE_THRESHOLDS")
 
 
 async def read_submission(request: Request, max_bytes: int, max_examples: int) -> TaskSubmission:
@@ -77,7 +98,7 @@ async def read_submission(request: Request, max_bytes: int, max_examples: int) -
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if content_type == "application/json":
-            submission = parse_json_body(await _read_limited(request, max_bytes))
+            submission = parse_json_body(await read_body(request, max_bytes))
         elif content_type == "multipart/form-data":
             submission = await parse_multipart(request, max_bytes)
         else:
@@ -86,29 +107,24 @@ async def read_submission(request: Request, max_bytes: int, max_examples: int) -
                            f"JSONL `file` field (got {content_type or 'no content type'!r})")
     except DatasetError as err:
         raise ApiError(422, err.code, err.message, err.line) from None
-    if submission.webhook_url and urlsplit(submission.webhook_url).scheme not in ("http", "https"):
-        raise ApiError(422, "invalid_webhook_url", "webhook_url must be an http:// or https:// URL")
+    if submission.webhook_url:
+        await check_webhook(submission.webhook_url, request.app.state.ctx.settings.webhook_allow_hosts)
     if len(submission.examples) > max_examples:
         raise ApiError(413, "too_many_examples",
                        f"the dataset has {len(submission.examples)} examples; the limit is {max_examples}")
     return submission
 
 
-async def _read_limited(request: Request, max_bytes: int) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
-            raise ApiError(413, "upload_too_large", f"the upload exceeds the limit of {max_bytes} bytes")
-    return bytes(body)
+async def check_webhook(url: str, allow_hosts: list[str]) -> None:
+    """Refuse a webhook aimed inside the deployment (resolving its host: in a thread)."""
+    try:
+        await asyncio.to_thread(webhooks.check_target, url, allow_hosts)
+    except webhooks.WebhookTargetError as err:
+        raise ApiError(422, "invalid_webhook_url", str(err)) from None
 
 
 def parse_json_body(raw: bytes) -> TaskSubmission:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"the body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})",
-                           err.lineno, code="invalid_json") from None
+    obj = load_json(raw, "the body")
     try:
         body = TaskBody.model_validate(obj)
     except ValidationError as err:
@@ -122,33 +138,33 @@ def parse_json_body(raw: bytes) -> TaskSubmission:
 
 
 async def parse_multipart(request: Request, max_bytes: int) -> TaskSubmission:
-    form = await request.form(max_part_size=max_bytes)
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise DatasetError("the multipart upload needs a `file` field holding JSONL", code="missing_file")
-    raw = await upload.read()
-    eval_upload = form.get("eval_file")
-    eval_raw = await eval_upload.read() if eval_upload is not None and not isinstance(eval_upload, str) else b""
-    if len(raw) + len(eval_raw) > max_bytes:
-        raise ApiError(413, "upload_too_large", f"the upload exceeds the limit of {max_bytes} bytes")
+    form = await read_form(request, max_bytes)  # stops with 413 at the first byte over max_bytes
     try:
-        hyper = json.loads(form.get("hyperparameters") or "{}")
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"the `hyperparameters` field is not valid JSON: {err.msg}",
-                           code="invalid_hyperparameters") from None
-    metric = form.get("metric") or "exact_match"
+        return await _submission_from_form(form)
+    finally:
+        await form.close()  # the parser's spooled files
+
+
+async def _submission_from_form(form: FormData) -> TaskSubmission:
+    raw = await file_field(form, "file")
+    if raw is None:
+        raise DatasetError("the multipart upload needs a `file` part holding JSONL (curl -F file=@tasks.jsonl)",
+                           code="missing_file")
+    eval_raw = await file_field(form, "eval_file") or b""
+    hyper = json_field(form, "hyperparameters")
+    metric = text_field(form, "metric") or "exact_match"
     if metric not in ("exact_match", "contains", "rougeL"):
         raise DatasetError(f"unknown metric {metric!r}: use exact_match, contains or rougeL", code="invalid_metric")
     return TaskSubmission(
-        name=str(form.get("name") or getattr(upload, "filename", None) or "task"),
-        metric=metric, webhook_url=form.get("webhook_url") or None, size_bytes=len(raw) + len(eval_raw),
+        name=text_field(form, "name") or getattr(form.get("file"), "filename", None) or "task",
+        metric=metric, webhook_url=text_field(form, "webhook_url") or None, size_bytes=len(raw) + len(eval_raw),
         examples=datasets.parse_jsonl(raw),
         eval_examples=datasets.parse_jsonl(eval_raw) if eval_raw else None,
         hyperparameters=datasets.parse_hyperparameters(hyper),
     )
 
 
-def store_and_enqueue(ctx: Context, sub: TaskSubmission) -> tuple[TaskRecord, JobRecord]:
+def store_and_enqueue(ctx: Context, sub: TaskSubmission, owner: str = ANONYMOUS) -> tuple[TaskRecord, JobRecord]:
     ctx.redis.ping()  # Redis away: answer 503 before writing anything to the object store
     train, evals = split_eval(sub.examples, sub.eval_examples, seed=sub.hyperparameters.seed)
     train_bytes, eval_bytes = datasets.to_jsonl(train), datasets.to_jsonl(evals)
@@ -158,9 +174,10 @@ def store_and_enqueue(ctx: Context, sub: TaskSubmission) -> tuple[TaskRecord, Jo
     task = TaskRecord(
         task_id=new_id("task"), name=sub.name, metric=sub.metric, digest=digest, dataset_uri=dataset_uri,
         eval_uri=eval_uri, num_examples=len(train), num_eval_examples=len(evals), size_bytes=sub.size_bytes,
-        hyperparameters=sub.hyperparameters, webhook_url=sub.webhook_url,
+        hyperparameters=sub.hyperparameters, webhook_url=sub.webhook_url, owner=owner,
+        webhook_secret=webhooks.new_secret() if sub.webhook_url else None,
     )
-    job = JobRecord(job_id=new_id("job"), task_id=task.task_id)
+    job = JobRecord(job_id=new_id("job"), task_id=task.task_id, owner=owner)
     ctx.tasks.add(task)
     ctx.jobs.add(job)
     try:
@@ -173,17 +190,26 @@ def store_and_enqueue(ctx: Context, sub: TaskSubmission) -> tuple[TaskRecord, Jo
     return task, job
 
 
-@router.get("/tasks", dependencies=[require("tasks")])
+def task_view(task: TaskRecord, caller: Caller) -> dict:
+    """A task as `caller` may see it: webhook settings are write-only (a URL may carry a token), and
+    where the datasets are stored is for admins."""
+    hidden = {name for name in TaskRecord.model_fields if name.startswith("webhook")}
+    if not caller.is_admin:
+        hidden |= {"dataset_uri", "eval_uri"}
+    return {**task.model_dump(exclude=hidden), "has_webhook": bool(task.webhook_url)}
+
+
+@router.get("/tasks")
 async def list_tasks(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500),
-                     ctx: Context = Depends(get_ctx)):
-    ids = ctx.tasks.ids(offset, limit)
-    return {"tasks": [ctx.tasks.get(i).model_dump() for i in ids], "total": ctx.tasks.count(),
+                     ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
+    tasks = [t for t in ctx.tasks.all() if caller.may_see(t.owner)]
+    return {"tasks": [task_view(t, caller) for t in tasks[offset:offset + limit]], "total": len(tasks),
             "offset": offset}
 
 
-@router.get("/tasks/{task_id}", dependencies=[require("tasks")])
-async def get_task(task_id: str, ctx: Context = Depends(get_ctx)):
+@router.get("/tasks/{task_id}")
+async def get_task(task_id: str, ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
     task = ctx.tasks.get(task_id)
-    if task is None:
+    if task is None or not caller.may_see(task.owner):
         raise ApiError(404, "task_not_found", f"no task {task_id!r}")
-    return {**task.model_dump(), "jobs": ctx.jobs.for_task(task_id)}
+    return {**task_view(task, caller), "jobs": ctx.jobs.for_task(task_id)}
