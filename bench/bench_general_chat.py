@@ -40,6 +40,7 @@ VARIANTS = {  # name: hyperparameters (on top of the service's defaults)
     "osft-noreplay": {"method": "osft", "general_replay": 0.0},
     "osft": {"method": "osft"},  # the shipped default
     "osft-chat-memory": {"method": "osft", "general_replay": 0.0, "general_chat_memory": True},
+    "osft-1e-3": {"method": "osft", "learning_rate": 1e-3},  # sampled replay at the next candidate rate
     "full-noreplay": {"method": "full", "general_replay": 0.0},
     "full": {"method": "full"},
 }

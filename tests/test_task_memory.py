@@ -5,6 +5,7 @@ import torch
 from worker.osft.memory import grow_memory, protected_directions
 from worker.osft.projector import Projector
 from worker.osft.subspace import compute_bases
+from tests.test_pipeline import ctx  # noqa: F401  (the in-process job fixture)
 
 
 def covariance_along(directions: torch.Tensor, energies: list[float]) -> torch.Tensor:
@@ -93,3 +94,17 @@ def test_a_chat_seeded_memory_protects_everyday_inputs_once_per_lineage(tiny_mod
     assert second.general_chat_memory
     for name, memory in second.memory.items():
         assert torch.equal(memory, stored[name].memory)
+
+
+def test_a_job_seeds_the_memory_with_the_parents_everyday_answers(ctx):
+    from tests.test_pipeline import examples, submit
+    from worker import osft, pipeline
+
+    _, job = submit(ctx, "greet", examples("say the greeting", "hello world", n=16), epochs=2,
+                    general_replay=0.0, general_chat_memory=True)
+    done = pipeline.run_job(ctx, job.job_id)
+    assert done.training and done.training["replayed_examples"] == 0  # sampled for the memory only
+    assert done.training["constraint"]["general_chat_memory"]
+    record = osft.SubspaceRegistry(ctx.redis, ctx.store).get(done.candidate_version)
+    assert record["general_chat_memory"] and all(
+        m["memory_directions"] > 0 for m in record["matrices"].values() if not m["spent"])
