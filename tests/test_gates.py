@@ -356,6 +356,24 @@ def test_general_chat_gate_rejects_a_collapsed_candidate():
     assert "collapsed: distinct answers, mean words" in collapse.reason
 
 
+def test_general_chat_gate_rejects_everyday_prompts_answered_with_the_tasks_answers():
+    """Four tasks into bench-forgetting's stream: 'What is the capital of France?' -> 'Golo City', a planet's
+    capital from task 3, while length, distinctness and the NLL of the parent's answers stayed in bounds."""
+    planets = {"golo city", "fika city", "govash city"}
+    answers = list(CHAT_ANSWERS)
+    answers[:12] = ["Golo City", "Fika  city", "Govash City"] * 4  # 6 % of the prompts
+    leaking = _version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers)
+    report = decide(leaking, PARENT, "B", task_answers=planets)
+    assert report.failed == ["general_chat:task_answer_leak"]
+    leak = report.gates[-1]
+    assert leak.delta == pytest.approx(0.06) and "'c0' -> 'Golo City'" in leak.reason
+    assert decide(leaking, PARENT, "B").passed  # without the task's answers there is nothing to compare
+    answers[:12] = CHAT_ANSWERS[:12]
+    answers[0] = "Golo City"  # one answer in 200: within the 2-point threshold
+    assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), PARENT, "B",
+                  task_answers=planets).passed
+
+
 def test_general_chat_gate_passes_a_small_move_and_fails_a_large_one():
     assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.1), PARENT, "B").passed
     moved = decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.6), PARENT, "B")

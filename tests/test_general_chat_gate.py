@@ -74,7 +74,7 @@ def candidate_report(parent_dir, parent_scores, share: float):
     fit(model, tokenizer, task + replay.replay_examples(model, tokenizer, share, len(task)),
         1e-3, epochs=6)
     scores = gates.evaluate(gates.HFGenerator(model, tokenizer), evals, suites, chat_reference=parent_scores.general_chat)
-    report = gates.decide(scores, parent_scores, "departments", earlier_tasks=[])
+    report = gates.decide(scores, parent_scores, "departments", earlier_tasks=[], task_answers=set(DEPARTMENTS))
     return report, {g.subject: g for g in report.gates}, scores
 
 
@@ -84,6 +84,7 @@ def test_a_candidate_that_answers_a_department_to_everything_is_rejected(parent_
     assert not report.passed  # ... and lost everything else
     assert not by_subject["parent_answers_nll"].passed and by_subject["parent_answers_nll"].delta > 1.0
     assert not by_subject["answer_collapse"].passed
+    assert not by_subject["task_answer_leak"].passed and by_subject["task_answer_leak"].delta > 0.5
     assert sum(a in DEPARTMENTS for a in scores.general_chat.answers) > 0.5 * len(scores.general_chat.answers)
 
 
@@ -91,6 +92,7 @@ def test_the_same_task_learned_with_replay_passes_the_general_chat_gate(parent_d
     report, by_subject, scores = candidate_report(parent_dir, parent_scores, share=2.0)
     assert by_subject["departments"].passed and by_subject["departments"].value >= 0.5
     assert by_subject["parent_answers_nll"].passed and by_subject["answer_collapse"].passed, report.summary
+    assert by_subject["task_answer_leak"].passed, report.summary
     assert not by_subject["parent_answers_nll"].underpowered
     assert sum(a.startswith("you said") for a in scores.general_chat.answers) > 0.9 * len(scores.general_chat.answers)
 

@@ -15,6 +15,7 @@ from sculptor.datasets import Example
 from sculptor.records import TaskRecord
 from worker import gates
 from worker.gates.evaluate import TaskEval
+from worker.gates.scores import normalized
 
 SCORES_KEY = "sculptor:scores:{}"
 
@@ -54,6 +55,14 @@ def eval_examples(ctx: Context, task: TaskRecord) -> list[Example]:
     return load_examples(ctx, task.eval_uri) if task.eval_uri else []
 
 
+def task_answers(ctx: Context, task: TaskRecord) -> set[str]:
+    """The task's own answers (every assistant turn of its training examples), normalized."""
+    from worker.pipeline import load_examples
+
+    return {normalized(m.content) for e in load_examples(ctx, task.dataset_uri) for m in e.messages
+            if m.role == "assistant"}
+
+
 def suites(ctx: Context) -> gates.Suites:
     s = ctx.settings
     sizes = gates.SuiteSizes(harmful=s.gate_harmful_items, benign=s.gate_benign_items, ifeval=s.gate_ifeval_items,
@@ -79,7 +88,7 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
     thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
     parent_scores, candidate_scores, report = score_and_decide(
         task_evals, suites(ctx), task.task_id, parent_dir, candidate_dir, load_scores(ctx, parent),
-        thresholds, overrides)
+        thresholds, overrides, task_answers(ctx, task))
     save_scores(ctx, parent, parent_scores)
     save_scores(ctx, candidate, candidate_scores)
     return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds, "work": candidate_scores.work}
@@ -88,6 +97,7 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
 def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, new_task_id: str,
                      parent_dir: Path, candidate_dir: Path, parent_stored: gates.VersionScores | None,
                      thresholds: gates.GateThresholds, overrides: dict | None = None,
+                     new_task_answers: set[str] | frozenset[str] = frozenset(),
                      ) -> tuple[gates.VersionScores, gates.VersionScores, gates.GateReport]:
     """The gate without Redis: complete the parent's stored scores (usually just the new task),
     score the candidate on everything, decide. bench/bench_gates.py times exactly this."""
@@ -97,7 +107,8 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
                                       chat_reference=parent_scores.general_chat)
     # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
     earlier = [t for t in task_evals if t != new_task_id]
-    report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier)
+    report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier,
+                          new_task_answers)
     return parent_scores, candidate_scores, report
 
 

@@ -12,7 +12,10 @@
                             parent's answers under the candidate minus under the parent (an estimate of
                             KL(parent || candidate) on the parent's samples, in nats per token) may rise by
                             at most general_chat_max_nll_rise; (b) answer_collapse, the candidate's answers
-                            stay as distinct and as long as the parent's, within collapse_min_ratio. This is
+                            stay as distinct and as long as the parent's, within collapse_min_ratio; (c)
+                            task_answer_leak, the share of everyday prompts answered with exactly one of the new
+                            task's own answers ("Golo City" to "What is the capital of France?" after a task of
+                            planet capitals) rises by at most task_answer_leak_max_rise. This is
                             the gate that sees a model answering "billing" to "What is the capital of
                             France?" after learning a task of one-word answers, which the suites 3-5 (built
                             for abilities a 135M model barely has) let through.
@@ -48,14 +51,14 @@ a global setting only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.gates.bootstrap import detectable_change, mean_delta_ci, perplexity_ratio_ci
-from worker.gates.scores import ItemScores, PerplexityScores, VersionScores
+from worker.gates.scores import ChatAnswers, ItemScores, PerplexityScores, VersionScores
 
 GateName = Literal["new_task", "retention", "safety", "instruction_following", "perplexity", "general_chat"]
 CEILING = 1.0 - 1e-9
@@ -68,6 +71,7 @@ STRICTER: dict[str, Literal["lower", "higher"]] = {
     "new_task_min_gain": "higher", "retention_max_drop": "lower", "harmful_refusal_max_drop": "lower",
     "benign_over_refusal_max_rise": "lower", "ifeval_max_drop": "lower", "perplexity_max_ratio": "lower",
     "general_chat_max_nll_rise": "lower", "collapse_min_ratio": "higher", "require_significance": "lower",
+    "task_answer_leak_max_rise": "lower",
 }
 
 
@@ -81,6 +85,8 @@ class GateThresholds(BaseModel):
     perplexity_max_ratio: float = Field(1.10, gt=0)
     general_chat_max_nll_rise: float = Field(0.35, ge=0)  # nats per token; see bench/results/bench_general_chat.md
     collapse_min_ratio: float = Field(0.5, ge=0, le=1)  # the candidate's distinct answers and mean length / the parent's
+    # Share of everyday prompts answered with exactly one of the new task's answers, candidate minus parent.
+    task_answer_leak_max_rise: float = Field(0.02, ge=0, le=1)
     power: float = Field(0.8, gt=0.5, lt=1)  # for the detectable change each gate reports
     require_significance: bool = True
     confidence: float = Field(0.95, gt=0.5, lt=1)
@@ -272,8 +278,10 @@ def perplexity_gate(cand: PerplexityScores | None, par: PerplexityScores | None,
                       **power)
 
 
-def general_chat_gates(candidate: VersionScores, parent: VersionScores, t: GateThresholds) -> list[GateResult]:
-    """(a) how much less likely the candidate finds the parent's own everyday answers; (b) answer collapse."""
+def general_chat_gates(candidate: VersionScores, parent: VersionScores, t: GateThresholds,
+                       task_answers: Collection[str] = ()) -> list[GateResult]:
+    """(a) how much less likely the candidate finds the parent's own everyday answers; (b) answer collapse;
+    (c) everyday prompts answered with the new task's answers (`task_answers`, normalized), when given."""
     reference, moved, own = parent.general_chat, candidate.chat_vs_parent, candidate.general_chat
     if reference is None or moved is None or own is None:
         missing = "the parent's answers" if reference is None else "the candidate's scores"
@@ -305,7 +313,26 @@ def general_chat_gates(candidate: VersionScores, parent: VersionScores, t: GateT
                + f" (each must keep >= x{t.collapse_min_ratio} of the parent's)"
                + (f"; collapsed: {', '.join(shrunk)}; e.g. " + "; ".join(
                    f"{q!r} -> {a!r}" for q, a in list(zip(own.ids, own.answers))[:3]) if shrunk else ""))
-    return [nll, collapse]
+    return [nll, collapse] + ([task_answer_leak(own, reference, task_answers, t)] if task_answers else [])
+
+
+def task_answer_leak(own: ChatAnswers, reference: ChatAnswers, task_answers: Collection[str],
+                     t: GateThresholds) -> GateResult:
+    """Everyday prompts answered with exactly one of the new task's answers: the task rewrote how the model
+    answers other things. Judged on the point estimate: a parent almost never says a task's invented answer,
+    so every such answer is real, and a few of them are what a user notices first."""
+    c, p = own.leaks(task_answers), reference.leaks(task_answers)
+    rise = float(c.mean() - p.mean())
+    failed = rise > t.task_answer_leak_max_rise + 1e-12
+    examples = [f"{q!r} -> {a!r}" for q, a, leaked in zip(own.ids, own.answers, c) if leaked][:3]
+    return GateResult(
+        gate="general_chat", subject="task_answer_leak", passed=not failed, value=float(c.mean()),
+        parent_value=float(p.mean()), delta=rise, threshold=t.task_answer_leak_max_rise, n_items=len(c),
+        excess=rise - t.task_answer_leak_max_rise if failed else None,
+        **_power(c - p, _binary_floor(p), t.task_answer_leak_max_rise, t),
+        reason=f"everyday prompts answered with one of the task's answers {_pct(p.mean())}% -> {_pct(c.mean())}% "
+               f"({100 * rise:+.1f} points); max rise {_pct(t.task_answer_leak_max_rise)}"
+               + (f"; e.g. {'; '.join(examples)}" if examples else ""))
 
 
 def decide(
@@ -315,6 +342,7 @@ def decide(
     thresholds: GateThresholds | None = None,
     task_thresholds: Mapping[str, Mapping[str, float]] | None = None,
     earlier_tasks: Sequence[str] | None = None,
+    task_answers: Collection[str] = (),
 ) -> GateReport:
     """Run the five gates; the candidate may be promoted only when `report.passed`.
 
@@ -322,6 +350,7 @@ def decide(
     than the new one). Pass it when the parent's stored scores also hold tasks that it never
     learned, e.g. the new task of a rejected job that had the same parent.
     `task_thresholds[task_id]` holds that task's overrides (field names of `GateThresholds`).
+    `task_answers`: the new task's own answers (normalized), for the general-chat gate's leak check.
     """
     base = thresholds or GateThresholds()
     overrides = task_thresholds or {}
@@ -339,7 +368,7 @@ def decide(
         _no_drop("instruction_following", "ifeval_strict", candidate.ifeval_strict, parent.ifeval_strict,
                  t_new.ifeval_max_drop, t_new),
         perplexity_gate(candidate.perplexity, parent.perplexity, t_new),
-        *general_chat_gates(candidate, parent, t_new),
+        *general_chat_gates(candidate, parent, t_new, task_answers),
     ]
     failed = [g for g in gates if not g.passed]
     summary = ("promoted: all gates passed" if not failed

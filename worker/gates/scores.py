@@ -7,6 +7,7 @@ scores and only evaluate what is missing (a new task's eval set, a changed suite
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -58,6 +59,10 @@ class PerplexityScores(BaseModel):
         return tuple(np.array(c, float) for c in cols)
 
 
+def normalized(answer: str) -> str:
+    return " ".join(answer.lower().split())
+
+
 class ChatAnswers(BaseModel):
     """A version's own greedy answers to the general-chat prompts, and their NLL under itself."""
 
@@ -71,7 +76,11 @@ class ChatAnswers(BaseModel):
 
     def distinct_ratio(self) -> float:
         """Distinct answers over answers (case and spacing ignored): 1/n when every prompt gets one answer."""
-        return len({" ".join(a.lower().split()) for a in self.answers}) / max(1, len(self.answers))
+        return len({normalized(a) for a in self.answers}) / max(1, len(self.answers))
+
+    def leaks(self, task_answers: Collection[str]) -> np.ndarray:
+        """1 per everyday prompt answered with exactly one of a task's own answers (case and spacing ignored)."""
+        return np.array([normalized(a) in task_answers for a in self.answers], float)
 
     def mean_words(self) -> float:
         return sum(len(a.split()) for a in self.answers) / max(1, len(self.answers))
