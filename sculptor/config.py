@@ -69,12 +69,24 @@ class Settings(BaseSettings):
     # unless allow_open says that serving everyone without keys is meant.
     api_keys: list[ApiKey] = Field(default_factory=list)
     allow_open: bool = False
-    rate_limit_generate_per_min: int = 600  # per key (per client address when open); 0: unlimited
-    rate_limit_uploads_per_min: int = 30
+    # Rate limits belong to keys (service/api/limits.py): a token bucket per key holding this many requests,
+    # refilled at this many a minute; 0: unlimited. An open gateway (no keys) is not rate limited.
+    rate_limit_generate_per_min: int = Field(600, ge=0)
+    rate_limit_uploads_per_min: int = Field(30, ge=0)
+    # Generation requests one key may have in flight on one gateway (429 beyond); 0: unlimited.
+    # None: unlimited on an open gateway, 64 with keys.
+    max_concurrent_per_key: int | None = Field(None, ge=0)
 
     # Uploads
     max_upload_bytes: int = 50 * 1024 * 1024
     max_examples: int = 100_000
+    max_eval_examples: int = Field(2000, ge=1)  # uploaded eval_examples (each costs a generation in the gates)
+    max_example_messages: int = Field(64, ge=2)  # messages in one training or eval example
+
+    # Generation requests (service/generation.py): the prompt's text, or all messages' text, in UTF-8 bytes
+    # (413 beyond), and messages in one chat request (400 beyond).
+    max_prompt_bytes: int = Field(256 * 1024, ge=1)
+    max_chat_messages: int = Field(256, ge=1)
 
     # Webhooks (sculptor/webhooks.py): hosts (names or IP literals, as written in the URL) that may receive
     # webhooks although they resolve to private, loopback or link-local addresses; every other host must
@@ -129,6 +141,10 @@ class Settings(BaseSettings):
     job_max_attempts: int = 2  # a job whose worker died is retried from the start up to this many runs
     recovery_interval_s: float = 15.0  # how often the gateway looks for jobs that lost their worker
     worker_heartbeat_ttl_s: int = Field(10, ge=1)  # a worker that stops renewing its key is gone after this
+    # Redis growth (sculptor/records.py): events kept per job (the newest; the record keeps every status's
+    # timestamp), and how long a job that ended keeps its record and events before they are deleted.
+    max_job_events: int = Field(1000, ge=20)
+    job_retention_days: float = Field(30, gt=0)
 
     # `make run` supervision: a dead worker or embedded Redis is restarted after a doubling backoff
     # (from restart_backoff_s up to 30 s); after restart_max restarts within restart_window_s the launcher

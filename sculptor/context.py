@@ -22,7 +22,7 @@ class Context:
 
     def __post_init__(self):
         self.tasks = TaskStore(self.redis)
-        self.jobs = JobStore(self.redis)
+        self.jobs = JobStore(self.redis, self.settings.max_job_events)
         self.versions = VersionStore(self.redis)
 
     @classmethod

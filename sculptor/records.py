@@ -1,8 +1,14 @@
 """Records shared by the gateway and the workers: tasks, jobs and model versions, kept in Redis.
 
 Every record is one JSON string under a `sculptor:` key, with a sorted set per kind for
-listing in order of creation. Job updates go through `JobStore.update`, which also appends an
-event and publishes it, so `GET /jobs/{id}/events` sees every transition and progress update.
+listing in order of creation, and for tasks and jobs one per owner (jobs also one per status and per
+task), so listings, metrics and recovery read ranges of indexes instead of every record. Job updates go
+through `JobStore.update`, which also appends an event and publishes it, so `GET /jobs/{id}/events` sees
+every transition and progress update.
+
+Bounded growth: a job keeps its newest `max_job_events` events (each numbered, `seq`, so a follower
+resumes after the last one it saw even when older ones were trimmed), and `JobStore.sweep_ended` deletes
+jobs that ended more than the retention ago, with their events and index entries.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import redis
 from pydantic import BaseModel, Field
@@ -123,10 +129,14 @@ class _JsonStore:
     def _index(self) -> str:
         return f"{PREFIX}:{self.kind}s"
 
-    def put(self, ident: str, record: BaseModel, created_at: float) -> None:
+    def owner_index(self, owner: str) -> str:
+        return f"{self._index()}:owner:{owner}"
+
+    def put(self, ident: str, record: BaseModel, created_at: float, indexes: tuple[str, ...] = ()) -> None:
         pipe = self.r.pipeline()
         pipe.set(self._key(ident), record.model_dump_json(context=STORE_CONTEXT))
-        pipe.zadd(self._index(), {ident: created_at}, nx=True)
+        for index in (self._index(), *indexes):
+            pipe.zadd(index, {ident: created_at}, nx=True)
         pipe.execute()
 
     def get(self, ident: str):
@@ -139,23 +149,66 @@ class _JsonStore:
         return fetch(self._index(), offset, end)
 
     def all(self, newest_first: bool = True) -> list:
-        ids = self.ids(newest_first=newest_first)
+        return self._records(self.ids(newest_first=newest_first))
+
+    def _records(self, ids: list[str]) -> list:
         raws = self.r.mget([self._key(i) for i in ids]) if ids else []
         return [self.model.model_validate_json(raw) for raw in raws if raw is not None]
 
     def count(self) -> int:
         return self.r.zcard(self._index())
 
+    def page(self, offset: int, limit: int, within: list[str] | None = None) -> tuple[list, int]:
+        """(records offset..offset+limit newest first, how many there are) among those in every index of
+        `within` (all records when empty). Redis intersects the indexes: no record is read but the page's."""
+        within = within or [self._index()]
+        if len(within) == 1:
+            key, temporary = within[0], None
+        else:
+            key = temporary = f"{PREFIX}:tmp:{uuid.uuid4().hex}"
+            self.r.zinterstore(temporary, within, aggregate="MIN")  # the scores are all creation times
+        try:
+            pipe = self.r.pipeline()
+            pipe.zcard(key)
+            pipe.zrevrange(key, offset, offset + limit - 1)
+            total, ids = pipe.execute()
+        finally:
+            if temporary:
+                self.r.delete(temporary)
+        return self._records(ids), total
+
 
 class TaskStore(_JsonStore):
     kind, model = "task", TaskRecord
 
     def add(self, task: TaskRecord) -> None:
-        self.put(task.task_id, task, task.created_at)
+        self.put(task.task_id, task, task.created_at, indexes=(self.owner_index(task.owner),))
+
+    def page_for(self, offset: int, limit: int, owner: str | None = None) -> tuple[list[TaskRecord], int]:
+        return self.page(offset, limit, [self.owner_index(owner)] if owner is not None else None)
+
+
+# Appends one event with the next sequence number, keeps the newest ARGV[2], and publishes it, atomically: a
+# worker and a gateway (a cancel) may emit for one job at once, and the list must stay in `seq` order.
+# KEYS: the event list, its sequence counter; ARGV: the event as a JSON object, the cap, the channel.
+_EMIT = """
+local seq = redis.call('INCR', KEYS[2])
+local event = '{"seq": ' .. seq .. ', ' .. string.sub(ARGV[1], 2)
+redis.call('RPUSH', KEYS[1], event)
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('PUBLISH', ARGV[3], event)
+return seq
+"""
+INDEX_VERSION = "2"  # per-owner, per-status and ended indexes (ensure_indexes builds them once)
 
 
 class JobStore(_JsonStore):
     kind, model = "job", JobRecord
+
+    def __init__(self, client: redis.Redis, max_events: int = 1000):
+        super().__init__(client)
+        self.max_events = max_events
+        self._emit_script = client.register_script(_EMIT)
 
     def events_key(self, job_id: str) -> str:
         return f"{self._key(job_id)}:events"
@@ -163,10 +216,26 @@ class JobStore(_JsonStore):
     def channel(self, job_id: str) -> str:
         return f"{PREFIX}:job-events:{job_id}"
 
+    def status_index(self, status: str) -> str:
+        return f"{self._index()}:status:{status}"
+
+    def task_index(self, task_id: str) -> str:
+        return f"{self._index()}:task:{task_id}"
+
+    @property
+    def ended_index(self) -> str:
+        """Jobs that reached a terminal status, scored by when: what the retention sweep reads."""
+        return f"{self._index()}:ended"
+
+    @property
+    def gated_key(self) -> str:
+        """A hash counting recorded jobs whose candidate was gated: `passed`, `failed`."""
+        return f"{self._index()}:gated"
+
     def add(self, job: JobRecord) -> None:
         job.timestamps.setdefault(job.status, job.created_at)
-        self.put(job.job_id, job, job.created_at)
-        self.r.zadd(f"{PREFIX}:jobs:task:{job.task_id}", {job.job_id: job.created_at})
+        self.put(job.job_id, job, job.created_at, indexes=(
+            self.task_index(job.task_id), self.status_index(job.status), self.owner_index(job.owner)))
         self._emit(job.job_id, {"type": "status", "status": job.status, "at": job.created_at})
 
     def update(self, job_id: str, reopen: bool = False, **changes) -> JobRecord:
@@ -182,39 +251,129 @@ class JobStore(_JsonStore):
                     raw = pipe.get(key)
                     if raw is None:
                         raise KeyError(job_id)
-                    job = JobRecord.model_validate_json(raw)
-                    old_status = job.status
-                    if old_status in TERMINAL and changes.get("status", old_status) != old_status and not reopen:
-                        raise JobEnded(f"job {job_id} already ended as {old_status}")
-                    job = job.model_copy(update=changes)
-                    job = JobRecord.model_validate(job.model_dump())
-                    if job.status != old_status:
+                    old = JobRecord.model_validate_json(raw)
+                    if old.finished and changes.get("status", old.status) != old.status and not reopen:
+                        raise JobEnded(f"job {job_id} already ended as {old.status}")
+                    job = JobRecord.model_validate(old.model_copy(update=changes).model_dump())
+                    if job.status != old.status:
                         job.timestamps[job.status] = now()
                     pipe.multi()
                     pipe.set(key, job.model_dump_json())
+                    self._reindex(pipe, old, job)
                     pipe.execute()
                     break
                 except redis.WatchError:
                     continue
-        if job.status != old_status:
+        if job.status != old.status:
             self._emit(job_id, {"type": "status", "status": job.status, "at": job.timestamps[job.status],
                                 "error": job.error})
         if "progress" in changes:
             self._emit(job_id, {"type": "progress", **job.progress.model_dump(), "at": now()})
         return job
 
-    def _emit(self, job_id: str, event: dict) -> None:
-        payload = json.dumps(event)
-        pipe = self.r.pipeline()
-        pipe.rpush(self.events_key(job_id), payload)
-        pipe.publish(self.channel(job_id), payload)
-        pipe.execute()
+    def _reindex(self, pipe, old: JobRecord, job: JobRecord) -> None:
+        if job.status != old.status:
+            pipe.zrem(self.status_index(old.status), job.job_id)
+            pipe.zadd(self.status_index(job.status), {job.job_id: job.created_at})
+            if job.finished:
+                pipe.zadd(self.ended_index, {job.job_id: job.timestamps[job.status]})
+            elif old.finished:
+                pipe.zrem(self.ended_index, job.job_id)
+        if job.gates and not old.gates:
+            pipe.hincrby(self.gated_key, _gate_outcome(job), 1)
 
-    def events(self, job_id: str, start: int = 0) -> list[dict]:
-        return [json.loads(e) for e in self.r.lrange(self.events_key(job_id), start, -1)]
+    def _emit(self, job_id: str, event: dict) -> None:
+        self._emit_script(keys=[self.events_key(job_id), self._seq_key(job_id)],
+                          args=[json.dumps(event), self.max_events, self.channel(job_id)])
+
+    def _seq_key(self, job_id: str) -> str:
+        return f"{self.events_key(job_id)}:seq"
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        """The job's kept events (its newest `max_events`), those numbered above `after` only."""
+        events = [json.loads(e) for e in self.r.lrange(self.events_key(job_id), 0, -1)]
+        for position, event in enumerate(events, start=1):
+            event.setdefault("seq", position)  # recorded before events were numbered: none was trimmed then
+        return [e for e in events if e["seq"] > after]
 
     def for_task(self, task_id: str) -> list[str]:
-        return self.r.zrange(f"{PREFIX}:jobs:task:{task_id}", 0, -1)
+        return self.r.zrange(self.task_index(task_id), 0, -1)
+
+    # -- reading by index: no call below reads every record
+
+    def page_for(self, offset: int, limit: int, status: str | None = None, task_id: str | None = None,
+                 owner: str | None = None) -> tuple[list[JobRecord], int]:
+        within = [self.task_index(task_id)] if task_id else []
+        within += [self.status_index(status)] if status else []
+        within += [self.owner_index(owner)] if owner is not None else []
+        return self.page(offset, limit, within)
+
+    def with_status(self, *statuses: str, created_before: float | None = None) -> list[JobRecord]:
+        """Jobs now in any of `statuses` (oldest first), created before `created_before` if given."""
+        top = f"({created_before}" if created_before is not None else "+inf"
+        pipe = self.r.pipeline()
+        for status in statuses:
+            pipe.zrangebyscore(self.status_index(status), "-inf", top)
+        ids = [i for found in pipe.execute() for i in found]
+        return sorted(self._records(ids), key=lambda j: j.created_at)
+
+    def status_counts(self) -> dict[str, int]:
+        pipe = self.r.pipeline()
+        for status in get_args(JobStatus):
+            pipe.zcard(self.status_index(status))
+        return dict(zip(get_args(JobStatus), pipe.execute()))
+
+    def gate_outcomes(self) -> dict[str, int]:
+        counts = self.r.hgetall(self.gated_key)
+        return {outcome: int(counts.get(outcome, 0)) for outcome in ("passed", "failed")}
+
+    def latest_ended(self, limit: int) -> list[JobRecord]:
+        return self._records(self.r.zrevrange(self.ended_index, 0, limit - 1))
+
+    # -- retention
+
+    def sweep_ended(self, retention_s: float, batch: int = 500) -> int:
+        """Delete up to `batch` jobs that ended more than `retention_s` ago: record, events, index entries."""
+        ids = self.r.zrangebyscore(self.ended_index, "-inf", now() - retention_s, start=0, num=batch)
+        jobs = self._records(ids)
+        pipe = self.r.pipeline()
+        for job in jobs:
+            pipe.delete(self._key(job.job_id), self.events_key(job.job_id), self._seq_key(job.job_id))
+            for index in (self._index(), self.task_index(job.task_id), self.status_index(job.status),
+                          self.owner_index(job.owner)):
+                pipe.zrem(index, job.job_id)
+            if job.gates:
+                pipe.hincrby(self.gated_key, _gate_outcome(job), -1)
+        if ids:
+            pipe.zrem(self.ended_index, *ids)
+        pipe.execute()
+        return len(jobs)
+
+
+def _gate_outcome(job: JobRecord) -> str:
+    return "passed" if job.gates.get("passed") else "failed"
+
+
+def ensure_indexes(tasks: TaskStore, jobs: JobStore) -> None:
+    """Build the per-owner, per-status and ended indexes and the gate counters once for records written
+    before they existed (a deployment upgraded in place): one pass over the records, then never again."""
+    flag = f"{PREFIX}:index-version"
+    if jobs.r.get(flag) == INDEX_VERSION:
+        return
+    gated = {"passed": 0, "failed": 0}
+    pipe = jobs.r.pipeline()
+    for task in tasks.all():
+        pipe.zadd(tasks.owner_index(task.owner), {task.task_id: task.created_at})
+    for job in jobs.all():
+        pipe.zadd(jobs.status_index(job.status), {job.job_id: job.created_at})
+        pipe.zadd(jobs.owner_index(job.owner), {job.job_id: job.created_at})
+        if job.finished:
+            pipe.zadd(jobs.ended_index, {job.job_id: job.timestamps.get(job.status, job.created_at)})
+        if job.gates:
+            gated[_gate_outcome(job)] += 1
+    pipe.hset(jobs.gated_key, mapping=gated)
+    pipe.set(flag, INDEX_VERSION)
+    pipe.execute()
 
 
 class VersionStore(_JsonStore):

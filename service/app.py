@@ -16,9 +16,11 @@ from fastapi import FastAPI, Request
 from sculptor import logs
 from sculptor.config import Settings, get_settings
 from sculptor.context import Context
+from sculptor.records import ensure_indexes
 from service import metrics
 from service.api import errors
 from service.api.exposure import MESSAGE, LoopbackOnly, is_loopback_host
+from service.api.limits import ConcurrencyLimit, RateLimiter, concurrency_limit
 from service.api.security import KeyRing
 from service.api.routes import dashboard, generate, health, jobs, models, openai, registry, tasks
 from service.engines.base import Engine
@@ -63,11 +65,13 @@ def _tensor_parallel_size(settings: Settings) -> int:
 
 
 async def recover_jobs(ctx: Context) -> None:
-    """Periodically re-queue or fail jobs whose worker died (see worker/recovery.py)."""
+    """Periodically re-queue or fail jobs whose worker died (see worker/recovery.py), and delete jobs that
+    ended more than SCULPTOR_JOB_RETENTION_DAYS ago."""
     while True:
         await asyncio.sleep(ctx.settings.recovery_interval_s)
         try:
             await asyncio.to_thread(recover_orphans, ctx)
+            await asyncio.to_thread(ctx.jobs.sweep_ended, ctx.settings.job_retention_days * 86400)
         except Exception as err:  # Redis away: try again next round
             log.warning("job recovery skipped: %s", err)
 
@@ -80,6 +84,7 @@ async def lifespan(app: FastAPI):
     version = ctx.versions.current()
     if version is None:
         raise RuntimeError("no model version is registered: start Sculptor with `make run` (it registers v0)")
+    await asyncio.to_thread(ensure_indexes, ctx.tasks, ctx.jobs)  # once, for records from before the indexes
     log.info("loading %s into %d %s engine(s)", version, len(serving.pool), serving.engine.name)
     await serving.start(version)
     background = [asyncio.create_task(serving.follow_promotions()), asyncio.create_task(recover_jobs(ctx))]
@@ -107,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="A model server that keeps learning without forgetting.")
     app.state.ctx = Context.from_settings(settings)
     app.state.keyring = KeyRing(settings.api_keys)
+    app.state.rate_limiter = RateLimiter(app.state.ctx.redis)
+    app.state.concurrency = ConcurrencyLimit(concurrency_limit(settings.max_concurrent_per_key, app.state.keyring.open))
     errors.install(app)
     app.middleware("http")(record_request)
     for module in (tasks, jobs, generate, openai, models, registry, health, dashboard):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from sculptor.config import Settings
 from service import metrics
 from service.api.errors import ApiError
 from service.engines.base import Chunk, EmptyPrompt, PromptTooLong, SamplingOptions
@@ -24,8 +26,33 @@ class Stream:
                 "total_tokens": last.prompt_tokens + last.completion_tokens}
 
 
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+
+
+def check_request_size(settings: Settings, prompt: str | None, messages: list[dict] | None, stop: list[str]) -> None:
+    """Bounds on what one request may ask of the engine, checked before anything is tokenized."""
+    if messages is not None and len(messages) > settings.max_chat_messages:
+        raise ApiError(400, "too_many_messages", f"the request has {len(messages)} messages; the limit is "
+                       f"{settings.max_chat_messages} (SCULPTOR_MAX_CHAT_MESSAGES)")
+    texts = [prompt] if prompt is not None else [m["content"] for m in messages or []]
+    size = sum(len(text.encode()) for text in texts)
+    if size > settings.max_prompt_bytes:
+        what = "the prompt" if prompt is not None else "the messages' text"
+        raise ApiError(413, "prompt_too_large", f"{what} is {size} bytes of UTF-8; the limit is "
+                       f"{settings.max_prompt_bytes} (SCULPTOR_MAX_PROMPT_BYTES)")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise ApiError(400, "too_many_stop_sequences",
+                       f"'stop' has {len(stop)} sequences; the limit is {MAX_STOP_SEQUENCES}")
+    long = next((i for i, s in enumerate(stop) if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise ApiError(400, "stop_sequence_too_long", f"stop sequence {long} is {len(stop[long])} characters; "
+                       f"the limit is {MAX_STOP_CHARS}")
+
+
 async def open_stream(serving: ServingModel, prompt: str | None, messages: list[dict] | None,
                       options: SamplingOptions) -> Stream:
+    check_request_size(serving.ctx.settings, prompt, messages, options.stop)
     if not serving.ready:
         raise ApiError(503, "engine_not_ready", "the model is still loading; retry in a few seconds")
     cap = serving.ctx.settings.max_tokens_cap
@@ -45,18 +72,20 @@ async def open_stream(serving: ServingModel, prompt: str | None, messages: list[
 
 async def _counted(chunks: AsyncIterator[Chunk], release: Callable[[], None]) -> AsyncIterator[Chunk]:
     try:
-        async for chunk in chunks:
-            if chunk.finish_reason:
-                metrics.TOKENS.labels(kind="prompt").inc(chunk.prompt_tokens)
-                metrics.TOKENS.labels(kind="completion").inc(chunk.completion_tokens)
-            yield chunk
-    finally:  # also when the client goes away mid-stream
+        async with aclosing(chunks):  # closing the engine's stream ends its request (client gone mid-stream)
+            async for chunk in chunks:
+                if chunk.finish_reason:
+                    metrics.TOKENS.labels(kind="prompt").inc(chunk.prompt_tokens)
+                    metrics.TOKENS.labels(kind="completion").inc(chunk.completion_tokens)
+                yield chunk
+    finally:
         release()
 
 
 async def collect(stream: Stream) -> tuple[str, Chunk]:
     text, last = [], None
-    async for chunk in stream.chunks:
-        text.append(chunk.text)
-        last = chunk
+    async with aclosing(stream.chunks) as chunks:
+        async for chunk in chunks:
+            text.append(chunk.text)
+            last = chunk
     return "".join(text), last

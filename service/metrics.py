@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import get_args
-
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 REQUESTS = Counter("sculptor_http_requests_total", "HTTP requests", ["route", "method", "status"])
@@ -16,6 +14,7 @@ SERVING = Info("sculptor_serving", "The model version the engine is serving")
 REPLICA_VERSION = Info("sculptor_replica", "The model version each engine replica holds", ["replica"])
 REPLICA_ADMITTED = Gauge("sculptor_replica_admitted", "1 while the replica takes new requests", ["replica"])
 REPLICA_IN_FLIGHT = Gauge("sculptor_replica_in_flight", "Requests in flight on the replica", ["replica"])
+ENGINE_RUNNING = Gauge("sculptor_engine_running_requests", "Requests the replica's engine is generating", ["replica"])
 QUEUE_DEPTH = Gauge("sculptor_queue_depth", "Jobs waiting in the training queue")
 JOBS = Gauge("sculptor_jobs", "Jobs by status", ["status"])
 TRAIN_STEP_SECONDS = Gauge("sculptor_train_step_seconds", "Mean training step time of the latest finished job")
@@ -31,17 +30,21 @@ def set_replica(index: int, version: str | None, admitted: bool) -> None:
     REPLICA_ADMITTED.labels(str(index)).set(int(admitted))
 
 
-def refresh_job_gauges(ctx) -> None:
-    """Job-derived gauges, computed from the job records at scrape time (one source of truth)."""
-    from sculptor.records import JobRecord, JobStatus
+def refresh_engine_gauges(serving) -> None:
+    for replica in serving.pool.replicas:
+        ENGINE_RUNNING.labels(str(replica.index)).set(replica.engine.running_requests())
 
-    jobs: list[JobRecord] = ctx.jobs.all()
-    for status in get_args(JobStatus):
-        JOBS.labels(status).set(sum(j.status == status for j in jobs))
+
+LATEST_JOBS_READ = 20  # ended jobs read for the latest step time (the newest one that trained)
+
+
+def refresh_job_gauges(ctx) -> None:
+    """Job-derived gauges at scrape time, from the job indexes and counters: no scrape reads every record."""
+    for status, count in ctx.jobs.status_counts().items():
+        JOBS.labels(status).set(count)
     QUEUE_DEPTH.set(ctx.redis.llen(ctx.settings.train_queue))
-    gated = [j for j in jobs if j.gates]
-    GATE_OUTCOMES.labels("passed").set(sum(bool(j.gates.get("passed")) for j in gated))
-    GATE_OUTCOMES.labels("failed").set(sum(not j.gates.get("passed") for j in gated))
-    trained = [j for j in jobs if j.training]
+    for outcome, count in ctx.jobs.gate_outcomes().items():
+        GATE_OUTCOMES.labels(outcome).set(count)
+    trained = [j for j in ctx.jobs.latest_ended(LATEST_JOBS_READ) if j.training]
     if trained:
         TRAIN_STEP_SECONDS.set(trained[0].training.get("mean_step_s", 0.0))

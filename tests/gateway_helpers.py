@@ -16,8 +16,8 @@ from service.app import create_app
 
 
 def tiny_settings(var_dir, redis_url, model_dir, **overrides) -> Settings:
-    return Settings(var_dir=var_dir, redis_url=redis_url, base_model_dir=str(model_dir), engine="transformers",
-                    engine_dtype="float32", engine_max_model_len=256, **overrides)
+    return Settings(**{"var_dir": var_dir, "redis_url": redis_url, "base_model_dir": str(model_dir),
+                       "engine": "transformers", "engine_dtype": "float32", "engine_max_model_len": 256, **overrides})
 
 
 @contextmanager

@@ -71,8 +71,10 @@ def container(obj: dict) -> dict:
     return containers[0]
 
 
-# What the user must set before `docker compose up` (the file says so): the gateway's API keys.
-USER_VARIABLES = {"SCULPTOR_API_KEYS": json.dumps([{"name": "ops", "key_sha256": "ab" * 32, "scopes": ["admin"]}])}
+# What the user must set before `docker compose up` (the file says so): the gateway's API keys, Redis's password.
+REDIS_PASSWORD = "0123abcd" * 4
+USER_VARIABLES = {"SCULPTOR_API_KEYS": json.dumps([{"name": "ops", "key_sha256": "ab" * 32, "scopes": ["admin"]}]),
+                  "REDIS_PASSWORD": REDIS_PASSWORD}
 
 
 class MissingVariable(AssertionError):
@@ -254,9 +256,11 @@ def test_compose_has_the_whole_stack_with_pinned_images():
 
 def test_compose_redis_is_durable():
     redis = compose()["services"]["redis"]
-    command = redis["command"]
+    command = [interpolate(c, USER_VARIABLES) for c in redis["command"]]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    # noeviction means something only with a cap: past it writes fail instead of Redis growing until it is killed.
+    assert re.fullmatch(r"\d+(mb|gb)", command[command.index("--maxmemory") + 1])
     assert any(v.split(":")[1] == "/data" for v in redis["volumes"]), "the AOF directory must be a volume"
     assert "redis-cli" in redis["healthcheck"]["test"]
 
@@ -337,7 +341,7 @@ def test_compose_gateway_needs_api_keys(monkeypatch):
     """No keys, no start: compose stops with a message naming SCULPTOR_API_KEYS; with them the gateway is closed."""
     gateway = compose()["services"]["gateway"]
     with pytest.raises(MissingVariable, match="SCULPTOR_API_KEYS"):
-        compose_env(gateway, variables={})
+        compose_env(gateway, variables={k: v for k, v in USER_VARIABLES.items() if k != "SCULPTOR_API_KEYS"})
     settings = settings_from_env(monkeypatch, compose_env(gateway))
     assert settings.api_keys and settings.api_keys[0].scopes == ["admin"]
     assert settings.allow_open is False, "an open gateway is an explicit choice, never the default"
@@ -348,11 +352,30 @@ def test_compose_gateway_needs_api_keys(monkeypatch):
 
 def test_compose_flower_watches_the_broker():
     services = compose()["services"]
-    command = services["flower"]["command"]
-    assert command[0] == "celery" and "flower" in command
-    broker = next(a.split("=", 1)[1] for a in command if a.startswith("--broker="))
-    assert broker == compose_env(services["gateway"])["REDIS_URL"]
+    assert "command" not in services["flower"], "the image's own command reads REDIS_URL"
+    command = " ".join(json.loads(stage_instructions("flower", "CMD")[0]))
+    assert 'celery --broker="${REDIS_URL' in command and " flower " in command
+    assert compose_env(services["flower"])["REDIS_URL"] == compose_env(services["gateway"])["REDIS_URL"]
     assert "127.0.0.1:5555:5555" in services["flower"]["ports"]
+
+
+def test_compose_redis_needs_a_password(monkeypatch):
+    """No password, no start; with one, Redis requires it, and every service's URL and the healthcheck carry it."""
+    services = compose()["services"]
+    redis = services["redis"]
+    without = {k: v for k, v in USER_VARIABLES.items() if k != "REDIS_PASSWORD"}
+    with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
+        [interpolate(c, without) for c in redis["command"]]
+    command = [interpolate(c, USER_VARIABLES) for c in redis["command"]]
+    assert command[command.index("--requirepass") + 1] == REDIS_PASSWORD
+    assert compose_env(redis)["REDISCLI_AUTH"] == REDIS_PASSWORD  # read by `redis-cli ping`, the healthcheck
+    for name in ("gateway", "worker", "bootstrap", "flower"):
+        with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
+            compose_env(services[name], without)
+        url = urlparse(compose_env(services[name])["REDIS_URL"])
+        assert url.password == REDIS_PASSWORD and url.hostname == "redis", name
+    settings = settings_from_env(monkeypatch, compose_env(services["gateway"]))
+    assert urlparse(settings.redis_url).password == REDIS_PASSWORD
 
 
 # ---------------------------------------------------------------------------------------------- kubernetes
@@ -445,11 +468,33 @@ def test_k8s_sculptor_env_names_are_settings(monkeypatch):
     assert settings.engine in ("vllm", "transformers", "auto")
 
 
+def k8s_env(c: dict) -> dict[str, str]:
+    """A container's env as the kubelet resolves it: Secret values in, `$(VAR)` of earlier variables expanded."""
+    env: dict[str, str] = {}
+    for var in c.get("env", []):
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        value = find("Secret", ref["name"])["stringData"][ref["key"]] if ref else var.get("value", "")
+        env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+    return env
+
+
+def sculptor_containers() -> dict[str, dict]:
+    gateway = find("Deployment", "sculptor-gateway")
+    init = {c["name"]: c for c in pod_spec(gateway)["initContainers"]}
+    return {"gateway": container(gateway), "bootstrap": init["bootstrap"],
+            "worker": container(find("Deployment", "sculptor-worker")),
+            "flower": container(find("Deployment", "sculptor-flower"))}
+
+
 def test_k8s_redis_is_a_durable_statefulset_that_the_config_points_at(monkeypatch):
     sts = find("StatefulSet", "redis")
     c = container(sts)
     args = c["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    cap = re.fullmatch(r"(\d+)mb", args[args.index("--maxmemory") + 1])
+    limit = re.fullmatch(r"(\d+)Gi", c["resources"]["limits"]["memory"])
+    assert cap and limit and int(cap.group(1)) < 1024 * int(limit.group(1)), "Redis must refuse writes before it is OOM-killed"
     data_dir = args[args.index("--dir") + 1]
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -458,11 +503,43 @@ def test_k8s_redis_is_a_durable_statefulset_that_the_config_points_at(monkeypatc
     assert c["readinessProbe"] and c["livenessProbe"]
     service = find("Service", sts["spec"]["serviceName"])
     assert service["spec"]["clusterIP"] == "None"
-    settings = settings_from_env(monkeypatch, find("ConfigMap", "sculptor-config")["data"])
-    host = urlparse(settings.redis_url).hostname
     namespace = sts["metadata"]["namespace"]
-    assert host == f"{sts['metadata']['name']}-0.{service['metadata']['name']}.{namespace}.svc.cluster.local"
-    assert urlparse(settings.redis_url).port == service["spec"]["ports"][0]["port"]
+    for name, c in sculptor_containers().items():
+        redis_url = k8s_env(c)["REDIS_URL"]
+        settings = settings_from_env(monkeypatch, {**find("ConfigMap", "sculptor-config")["data"], "REDIS_URL": redis_url})
+        url = urlparse(settings.redis_url)
+        assert url.hostname == f"{sts['metadata']['name']}-0.{service['metadata']['name']}.{namespace}.svc.cluster.local"
+        assert url.port == service["spec"]["ports"][0]["port"], name
+
+
+def test_k8s_redis_requires_the_password_from_its_secret():
+    c = container(find("StatefulSet", "redis"))
+    env = k8s_env(c)
+    secret = find("Secret", "sculptor-redis")["stringData"]["REDIS_PASSWORD"]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+    assert args[args.index("--requirepass") + 1] == secret
+    assert env["REDISCLI_AUTH"] == secret and c["readinessProbe"]["exec"]["command"][0] == "redis-cli"
+    for name, sculptor in sculptor_containers().items():
+        assert urlparse(k8s_env(sculptor)["REDIS_URL"]).password == secret, f"{name} must authenticate"
+    assert "REDIS_URL" not in find("ConfigMap", "sculptor-config")["data"], "the URL without the password"
+
+
+def test_k8s_only_sculptor_pods_reach_redis():
+    redis_pods = find("StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in k8s_objects() if p["kind"] == "NetworkPolicy"
+                and p["spec"]["podSelector"]["matchLabels"].items() <= redis_pods.items()]
+    assert len(policies) == 1, "one NetworkPolicy selects the Redis pod"
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and len(spec["ingress"]) == 1
+    rule = spec["ingress"][0]
+    allowed = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"]), "pods of this namespace only"
+    workloads = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+                 for d in k8s_objects() if d["kind"] in ("Deployment", "StatefulSet")}
+    reach = {name for name, labels in workloads.items() if any(sel.items() <= labels.items() for sel in allowed)}
+    assert reach == {"sculptor-gateway", "sculptor-worker", "sculptor-flower"}
+    port = container(find("StatefulSet", "redis"))["ports"][0]["containerPort"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
 
 
 def test_k8s_gateway_probes_port_and_gpu():

@@ -3,7 +3,8 @@
 - greedy output after a swap equals a fresh engine's on the new checkpoint; after a rollback, the old one's;
 - requests in flight across a swap all complete;
 - a corrupted checkpoint is refused before the engine is touched, and a checkpoint the engine cannot
-  load is rolled back: in both cases the old version keeps serving.
+  load is rolled back: in both cases the old version keeps serving;
+- a request whose stream is closed (its client went away) is aborted in the engine.
 """
 
 import asyncio
@@ -116,6 +117,12 @@ def test_swap_matches_fresh_engine_and_rollback(ctx):
         in_flight = [asyncio.create_task(finish(*s)) for s in started]
         assert (await model.swap_to("v1")).ok
         assert [text for text, _ in await asyncio.gather(*in_flight)] == expected
+
+        # A client that went away: closing its stream aborts the request in the engine then and there.
+        gone = await open_stream(model, "hello world", None, SamplingOptions(max_tokens=400, temperature=0.0))
+        assert not (await anext(gone.chunks)).finish_reason and model.engine.running_requests() == 1
+        await gone.chunks.aclose()
+        assert model.engine.running_requests() == 0 and model.pool.replicas[0].in_flight == 0
         await model.engine.shutdown()
 
     asyncio.run(scenario())

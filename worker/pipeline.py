@@ -59,7 +59,8 @@ class Candidate:
     training: dict
 
 
-def run_job(ctx: Context, job_id: str) -> JobRecord:
+def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
+    """`check_lock` raises (sculptor.locks.LockLost) once this worker lost the job's lock: the job stops."""
     job = ctx.jobs.get(job_id)
     if job is None or job.finished:
         return job  # a re-delivery of a job that already ended: nothing to do
@@ -74,7 +75,7 @@ def run_job(ctx: Context, job_id: str) -> JobRecord:
     task = ctx.tasks.get(job.task_id)
     deadline = Deadline(ctx.settings.job_time_limit_s)
     try:
-        candidate = train_candidate(ctx, job, task, parent, deadline)
+        candidate = train_candidate(ctx, job, task, parent, deadline, check_lock)
         deadline.check("before its gates")
         ctx.jobs.update(job_id, status="evaluating", candidate_version=candidate.version,
                         training=candidate.training)
@@ -85,6 +86,7 @@ def run_job(ctx: Context, job_id: str) -> JobRecord:
         if ctx.jobs.get(job_id).cancel_requested:
             return ctx.jobs.update(job_id, status="cancelled", gates=report,
                                    error="cancelled during evaluation; the candidate was not promoted")
+        check_lock()
         promote(ctx, job, task, candidate, report)
         report["lineage"] = gating.accuracy_matrix(ctx, candidate.version)
         return ctx.jobs.update(job_id, status="promoted", gates=report)
@@ -155,7 +157,7 @@ def check_token_budget(batches: training_data.Batches, limit: int, examples: int
 
 
 def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
-                    deadline: Deadline | None = None) -> Candidate:
+                    deadline: Deadline | None = None, check_lock=lambda: None) -> Candidate:
     settings = ctx.settings
     hp = task.hyperparameters
     parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
@@ -188,7 +190,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
         steps_per_epoch=steps_per_epoch,
         bf16_autocast=bf16,
         on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
-        should_stop=lambda: deadline.check("while training") or ctx.jobs.get(job.job_id).cancel_requested,
+        should_stop=lambda: (deadline.check("while training") or check_lock()
+                             or ctx.jobs.get(job.job_id).cancel_requested),
     )
     version = ctx.versions.next_name()
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)

@@ -27,8 +27,8 @@ def job_lock_held(ctx: Context, job_id: str) -> bool:
 def recover_orphans(ctx: Context) -> list[str]:
     """Re-queue (or fail, after `job_max_attempts`) every active job that lost its worker."""
     recovered = []
-    for job in ctx.jobs.all():
-        if job.status not in ACTIVE or job_lock_held(ctx, job.job_id):
+    for job in ctx.jobs.with_status(*ACTIVE):
+        if job_lock_held(ctx, job.job_id):
             continue
         reason = f"the worker running attempt {job.attempts} stopped during {job.status}"
         try:

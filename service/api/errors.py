@@ -82,6 +82,14 @@ def install(app: FastAPI) -> None:
         return ErrorResponse(error_body(503, "redis_unavailable", "the job store (Redis) is unreachable; generation "
                                        "still works, retry this request shortly"), 503, headers={"Retry-After": "5"})
 
+    @app.exception_handler(redis.exceptions.OutOfMemoryError)
+    async def _redis_full(request: Request, exc: Exception):
+        log.error("Redis refused a write on %s %s (maxmemory reached, noeviction): %s",
+                  request.method, request.url.path, exc)
+        return ErrorResponse(error_body(503, "redis_full", "the job store (Redis) is full and refuses writes; "
+                                        "generation still works. An operator raises its maxmemory or shortens "
+                                        "SCULPTOR_JOB_RETENTION_DAYS"), 503, headers={"Retry-After": "60"})
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)

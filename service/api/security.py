@@ -8,8 +8,8 @@ unless SCULPTOR_ALLOW_OPEN=true.
 Tenants: tasks and jobs belong to the key that created them (its name); a key without `admin`
 sees only its own, and only `admin` may set a task's gate thresholds.
 
-Rate limits are fixed one-minute windows counted in Redis per key (per client address when open);
-if Redis is away, requests are let through rather than failed: serving must outlive Redis.
+Per-key limits (service/api/limits.py): a request rate per key, and generation requests in flight per key.
+An open gateway limits nothing unless SCULPTOR_MAX_CONCURRENT_PER_KEY says so.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -74,8 +73,9 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def require(scope: str, limit: str | None = None):
-    """A dependency: the caller must hold `scope` (or admin); `limit` names a rate limit to apply."""
+def require(scope: str, limit: str | None = None, hold_slot: bool = False):
+    """A dependency: the caller must hold `scope` (or admin); `limit` names a rate limit to apply; `hold_slot`
+    counts the request against the key's generation requests in flight until its answer has been sent."""
 
     async def check(request: Request) -> Caller:
         ring: KeyRing = request.app.state.keyring
@@ -90,29 +90,18 @@ def require(scope: str, limit: str | None = None):
                 raise ApiError(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
             if scope not in caller.scopes and "admin" not in caller.scopes:
                 raise ApiError(403, "insufficient_scope", f"this key lacks the {scope!r} scope")
-        if limit:
-            await asyncio.to_thread(_rate_limit, request, caller, limit)
+        if limit and caller is not OPEN:
+            settings = request.app.state.ctx.settings
+            per_minute = {"generate": settings.rate_limit_generate_per_min,
+                          "upload": settings.rate_limit_uploads_per_min}[limit]
+            await asyncio.to_thread(request.app.state.rate_limiter.check, limit, caller.name, per_minute)
         return caller
 
-    return Depends(check)
+    if not hold_slot:
+        return Depends(check)
 
+    async def check_and_hold(request: Request, caller: Caller = Depends(check)):
+        with request.app.state.concurrency.hold(caller.name):
+            yield caller
 
-def _rate_limit(request: Request, caller: Caller, limit: str) -> None:
-    settings = request.app.state.ctx.settings
-    per_minute = {"generate": settings.rate_limit_generate_per_min, "upload": settings.rate_limit_uploads_per_min}[limit]
-    if per_minute <= 0:
-        return
-    who = caller.name if caller is not OPEN else (request.client.host if request.client else "unknown")
-    window = int(time.time() // 60)
-    key = f"sculptor:ratelimit:{limit}:{who}:{window}"
-    try:
-        pipe = request.app.state.ctx.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, 120)
-        count = pipe.execute()[0]
-    except Exception:
-        return
-    if count > per_minute:
-        retry = 60 - int(time.time()) % 60
-        raise ApiError(429, "rate_limited", f"more than {per_minute} {limit} requests this minute; retry in {retry}s",
-                       headers={"Retry-After": str(retry)})
+    return Depends(check_and_hold, scope="request")  # released once a streamed answer has ended too

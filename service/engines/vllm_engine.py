@@ -8,6 +8,7 @@ between two processes. AsyncLLM still runs the model in its own engine-core proc
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -64,14 +65,19 @@ class VLLMEngine:
         )
         sent = 0
         prompt = TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=str(self.weights_load))
-        async for out in self.llm.generate(prompt, params, request_id=request_id):
-            completion = out.outputs[0]
-            delta = completion.text[sent:]
-            sent = len(completion.text)
-            if out.finished:
-                yield Chunk(delta, completion.finish_reason or "stop", len(prompt_ids), len(completion.token_ids))
-            elif delta:
-                yield Chunk(delta)
+        # Closed with this generator: AsyncLLM aborts the request when its generator is cancelled or closed.
+        async with aclosing(self.llm.generate(prompt, params, request_id=request_id)) as outputs:
+            async for out in outputs:
+                completion = out.outputs[0]
+                delta = completion.text[sent:]
+                sent = len(completion.text)
+                if out.finished:
+                    yield Chunk(delta, completion.finish_reason or "stop", len(prompt_ids), len(completion.token_ids))
+                elif delta:
+                    yield Chunk(delta)
+
+    def running_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
 
     async def pause(self) -> None:
         # "keep" freezes in-flight requests in the queue (they continue after resume); "wait" lets them finish.

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from contextlib import aclosing
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from sculptor.text import Text
 from service.api.deps import get_serving
+from service.api.disconnect import cancel_on_disconnect
 from service.api.security import require
 from service.generation import collect, open_stream
 from service.engines.base import SamplingOptions
@@ -46,17 +48,20 @@ class GenerateRequest(BaseModel):
         return SamplingOptions(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
 
 
-@router.post("/generate", dependencies=[require("generate", limit="generate")])
-async def generate(body: GenerateRequest, response: Response, serving: ServingModel = Depends(get_serving)):
+@router.post("/generate", dependencies=[require("generate", limit="generate", hold_slot=True)])
+@cancel_on_disconnect
+async def generate(body: GenerateRequest, request: Request, response: Response,
+                   serving: ServingModel = Depends(get_serving)):
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     stream = await open_stream(serving, body.prompt, messages, body.options())
     if body.stream:
         async def events():
-            async for chunk in stream.chunks:
-                data = {"text": chunk.text, "model_version": stream.version}
-                if chunk.finish_reason:
-                    data |= {"finish_reason": chunk.finish_reason, "usage": stream.usage(chunk)}
-                yield {"data": json.dumps(data)}
+            async with aclosing(stream.chunks) as chunks:  # the client gone: the engine request ends
+                async for chunk in chunks:
+                    data = {"text": chunk.text, "model_version": stream.version}
+                    if chunk.finish_reason:
+                        data |= {"finish_reason": chunk.finish_reason, "usage": stream.usage(chunk)}
+                    yield {"data": json.dumps(data)}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(events(), headers={"X-Model-Version": stream.version})

@@ -39,7 +39,8 @@ async def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: S
 
 
 @router.get("/metrics")
-async def prometheus_metrics(ctx: Context = Depends(get_ctx)):
+async def prometheus_metrics(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
+    metrics.refresh_engine_gauges(serving)
     try:
         await asyncio.to_thread(metrics.refresh_job_gauges, ctx)
     except Exception:  # Redis away: serve the process metrics anyway

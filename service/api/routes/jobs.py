@@ -35,12 +35,9 @@ def _job_or_404(ctx: Context, job_id: str, caller: Caller) -> JobRecord:
 @router.get("/jobs")
 async def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), status: str | None = None,
                     task_id: str | None = None, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
-    jobs = [j for j in ctx.jobs.all() if caller.may_see(j.owner)]
-    if status:
-        jobs = [j for j in jobs if j.status == status]
-    if task_id:
-        jobs = [j for j in jobs if j.task_id == task_id]
-    return {"jobs": [j.model_dump() for j in jobs[offset:offset + limit]], "total": len(jobs), "offset": offset}
+    owner = None if caller.is_admin else caller.name
+    jobs, total = ctx.jobs.page_for(offset, limit, status=status, task_id=task_id, owner=owner)
+    return {"jobs": [j.model_dump() for j in jobs], "total": total, "offset": offset}
 
 
 @router.get("/jobs/{job_id}", name="get_job")
@@ -58,12 +55,13 @@ async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_c
 
 async def _stream_events(ctx: Context, job_id: str, request: Request):
     """Replay the stored events, then follow new ones until the job ends or the client leaves."""
-    sent = 0
+    resumed = request.headers.get("last-event-id", "")
+    sent = int(resumed) if resumed.isdigit() else 0  # the last event's `seq` (a reconnecting client sends it)
     while not await request.is_disconnected():
         events = await asyncio.to_thread(ctx.jobs.events, job_id, sent)
         for event in events:
-            yield {"event": event["type"], "data": json.dumps(event)}
-        sent += len(events)
+            yield {"event": event["type"], "id": str(event["seq"]), "data": json.dumps(event)}
+            sent = event["seq"]
         if any(e["type"] == "status" and e["status"] in TERMINAL for e in events):
             return
         await asyncio.sleep(0.5)

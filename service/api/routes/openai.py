@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import aclosing
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from sculptor.text import Text
 from service.api.deps import get_serving
+from service.api.disconnect import cancel_on_disconnect
 from service.api.errors import ApiError
 from service.api.security import require
 from service.engines.base import SamplingOptions
@@ -24,7 +26,7 @@ from service.generation import Stream, collect, open_stream
 from service.hotswap import ServingModel
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-generation = [require("generate", limit="generate")]
+generation = [require("generate", limit="generate", hold_slot=True)]
 
 
 class ChatMessage(BaseModel):
@@ -78,14 +80,18 @@ async def list_models(serving: ServingModel = Depends(get_serving)):
 
 
 @router.post("/chat/completions", dependencies=generation)
-async def chat_completions(body: ChatRequest, response: Response, serving: ServingModel = Depends(get_serving)):
+@cancel_on_disconnect
+async def chat_completions(body: ChatRequest, request: Request, response: Response,
+                           serving: ServingModel = Depends(get_serving)):
     _check_model(serving, body.model)
     stream = await open_stream(serving, None, [m.model_dump() for m in body.messages], body.options())
     return await _answer(stream, body, response, chat=True)
 
 
 @router.post("/completions", dependencies=generation)
-async def completions(body: CompletionRequest, response: Response, serving: ServingModel = Depends(get_serving)):
+@cancel_on_disconnect
+async def completions(body: CompletionRequest, request: Request, response: Response,
+                      serving: ServingModel = Depends(get_serving)):
     _check_model(serving, body.model)
     stream = await open_stream(serving, body.prompt, None, body.options())
     return await _answer(stream, body, response, chat=False)
@@ -112,10 +118,12 @@ async def _sse(stream: Stream, head: dict, kind: str, chat: bool, body: _Samplin
 
     if chat:
         yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    async for chunk in stream.chunks:
-        piece = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
-        if chunk.text or chunk.finish_reason:
-            yield event({"index": 0, **piece, "finish_reason": chunk.finish_reason})
-        if chunk.finish_reason and body.stream_options and body.stream_options.include_usage:
-            yield {"data": json.dumps({**head, "object": chunk_kind, "choices": [], "usage": stream.usage(chunk)})}
+    async with aclosing(stream.chunks) as chunks:  # the client gone: the engine request ends
+        async for chunk in chunks:
+            piece = {"delta": {"content": chunk.text}} if chat else {"text": chunk.text}
+            if chunk.text or chunk.finish_reason:
+                yield event({"index": 0, **piece, "finish_reason": chunk.finish_reason})
+            if chunk.finish_reason and body.stream_options and body.stream_options.include_usage:
+                yield {"data": json.dumps({**head, "object": chunk_kind, "choices": [],
+                                           "usage": stream.usage(chunk)})}
     yield {"data": "[DONE]"}

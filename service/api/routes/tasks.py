@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import FormData
 
 from sculptor import datasets, webhooks
+from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.datasets import DatasetError, Example, Hyperparameters, Metric
 from sculptor.records import ANONYMOUS, JobRecord, TaskRecord, new_id
@@ -64,7 +65,7 @@ UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {
 @router.post("/tasks", status_code=202, openapi_extra=UPLOAD_SCHEMA)
 async def create_task(request: Request, ctx: Context = Depends(get_ctx),
                       caller: Caller = require("tasks", limit="upload")):
-    submission = await read_submission(request, ctx.settings.max_upload_bytes, ctx.settings.max_examples)
+    submission = await read_submission(request, ctx.settings)
     check_gate_overrides(caller, submission.hyperparameters, ctx.settings.gate_thresholds)
     task, job = store_and_enqueue(ctx, submission, owner=caller.name)
     answer = {"task_id": task.task_id, "job_id": job.job_id, "status": job.status,
@@ -91,7 +92,8 @@ def check_gate_overrides(caller: Caller, hp: Hyperparameters, configured: dict) 
                        "is set with SCULPTOR_GATE_THRESHOLDS")
 
 
-async def read_submission(request: Request, max_bytes: int, max_examples: int) -> TaskSubmission:
+async def read_submission(request: Request, settings: Settings) -> TaskSubmission:
+    max_bytes = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "upload_too_large", f"the upload is {int(declared)} bytes; the limit is {max_bytes}")
@@ -107,12 +109,28 @@ async def read_submission(request: Request, max_bytes: int, max_examples: int) -
                            f"JSONL `file` field (got {content_type or 'no content type'!r})")
     except DatasetError as err:
         raise ApiError(422, err.code, err.message, err.line) from None
+    check_dataset_bounds(submission, settings)
     if submission.webhook_url:
-        await check_webhook(submission.webhook_url, request.app.state.ctx.settings.webhook_allow_hosts)
-    if len(submission.examples) > max_examples:
-        raise ApiError(413, "too_many_examples",
-                       f"the dataset has {len(submission.examples)} examples; the limit is {max_examples}")
+        await check_webhook(submission.webhook_url, settings.webhook_allow_hosts)
     return submission
+
+
+def check_dataset_bounds(sub: TaskSubmission, settings: Settings) -> None:
+    """What one task may ask of a job beyond its byte size: examples, eval examples (each is generated in the
+    gates) and messages per example."""
+    if len(sub.examples) > settings.max_examples:
+        raise ApiError(413, "too_many_examples",
+                       f"the dataset has {len(sub.examples)} examples; the limit is {settings.max_examples}")
+    evals = sub.eval_examples or []
+    if len(evals) > settings.max_eval_examples:
+        raise ApiError(413, "too_many_eval_examples", f"the task has {len(evals)} eval examples; the limit is "
+                       f"{settings.max_eval_examples} (SCULPTOR_MAX_EVAL_EXAMPLES)")
+    for what, examples in (("examples", sub.examples), ("eval_examples", evals)):
+        for number, example in enumerate(examples, start=1):
+            if len(example.messages) > settings.max_example_messages:
+                raise ApiError(422, "too_many_messages",
+                               f"example {number} of {what!r} has {len(example.messages)} messages; the limit is "
+                               f"{settings.max_example_messages} (SCULPTOR_MAX_EXAMPLE_MESSAGES)")
 
 
 async def check_webhook(url: str, allow_hosts: list[str]) -> None:
@@ -202,9 +220,8 @@ def task_view(task: TaskRecord, caller: Caller) -> dict:
 @router.get("/tasks")
 async def list_tasks(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500),
                      ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
-    tasks = [t for t in ctx.tasks.all() if caller.may_see(t.owner)]
-    return {"tasks": [task_view(t, caller) for t in tasks[offset:offset + limit]], "total": len(tasks),
-            "offset": offset}
+    tasks, total = ctx.tasks.page_for(offset, limit, owner=None if caller.is_admin else caller.name)
+    return {"tasks": [task_view(t, caller) for t in tasks], "total": total, "offset": offset}
 
 
 @router.get("/tasks/{task_id}")
