@@ -30,14 +30,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forgetting_methods import make_tasks  # noqa: E402
 from bench_general_chat import EVERYDAY, department_task, token_f1  # noqa: E402
-from common import RESULTS, base_model_dir, write_result  # noqa: E402
+from common import RESULTS, base_model_dir, pipeline_context, write_result  # noqa: E402
 
 ROWS = {  # name: hyperparameters on top of the service's defaults (auto learning rate and epochs, replay 0.5)
     "shipped": {},
@@ -128,40 +127,30 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
 
 
 def run_row(name: str, seed: int, model_dir: Path) -> dict:
-    from sculptor import redis_server
-    from sculptor.bootstrap import ensure_initial_version
-    from sculptor.config import Settings
-    from sculptor.context import Context
     from worker import gating
+    from worker.gates.scores import normalized
     from worker.pipeline import run_job
 
     uploads = stream(seed)
-    task_answers = {" ".join(m["messages"][-1]["content"].lower().split()) if "messages" in m else m["completion"]
+    task_answers = {normalized(m["messages"][-1]["content"]) if "messages" in m else m["completion"]
                     for u in uploads for m in u["examples"]}
     load_before, started = os.getloadavg(), time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = redis_server.start_redis(Path(tmp) / "redis")
-        try:
-            settings = Settings(var_dir=Path(tmp) / "var", redis_url=url, base_model_dir=str(model_dir))
-            ctx = Context.from_settings(settings)
-            ensure_initial_version(settings, ctx.redis, ctx.store)
-            jobs = []
-            for upload in uploads:
-                job_started = time.monotonic()
-                job = run_job(ctx, submit(ctx, upload, ROWS[name]).job_id)
-                if job.status == "rejected":
-                    job = force_promote(ctx, job)
-                if job.status != "promoted":
-                    raise SystemExit(f"{name}: {upload['name']} ended {job.status}: {job.error}")
-                jobs.append(job_row(job, time.monotonic() - job_started, upload["name"]))
-                print(f"[bench-forgetting] {name}: {jobs[-1]}", file=sys.stderr, flush=True)
-            final = jobs[-1]["version"]
-            matrix = gating.accuracy_matrix(ctx, final)
-            R = [[round(100 * matrix["R"][v].get(t, 0.0), 1) for t in matrix["tasks"]] for v in matrix["versions"]]
-            result = {"row": name, "hyperparameters": ROWS[name], "tasks": [u["name"] for u in uploads],
-                      "R": R, **summaries(R), "jobs": jobs, "vs_base": against_base(ctx, final, task_answers)}
-        finally:
-            redis_server.stop(proc)
+    with pipeline_context(model_dir) as ctx:
+        jobs = []
+        for upload in uploads:
+            job_started = time.monotonic()
+            job = run_job(ctx, submit(ctx, upload, ROWS[name]).job_id)
+            if job.status == "rejected":
+                job = force_promote(ctx, job)
+            if job.status != "promoted":
+                raise SystemExit(f"{name}: {upload['name']} ended {job.status}: {job.error}")
+            jobs.append(job_row(job, time.monotonic() - job_started, upload["name"]))
+            print(f"[bench-forgetting] {name}: {jobs[-1]}", file=sys.stderr, flush=True)
+        final = jobs[-1]["version"]
+        matrix = gating.accuracy_matrix(ctx, final)
+        R = [[round(100 * matrix["R"][v].get(t, 0.0), 1) for t in matrix["tasks"]] for v in matrix["versions"]]
+        result = {"row": name, "hyperparameters": ROWS[name], "tasks": [u["name"] for u in uploads],
+                  "R": R, **summaries(R), "jobs": jobs, "vs_base": against_base(ctx, final, task_answers)}
     return result | {"wall_s": round(time.monotonic() - started), "load_average": [load_before, os.getloadavg()]}
 
 

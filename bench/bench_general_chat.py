@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_model_dir, write_result  # noqa: E402
+from common import base_model_dir, pipeline_context, write_result  # noqa: E402
 
 DEPARTMENTS = ["billing", "shipping", "returns", "technical", "accounts"]
 ISSUES = {
@@ -125,25 +124,13 @@ def main() -> None:
     parser.add_argument("--name", default="bench_general_chat")
     args = parser.parse_args()
 
-    from sculptor import redis_server
-    from sculptor.bootstrap import ensure_initial_version
-    from sculptor.config import Settings
-    from sculptor.context import Context
-
     base = base_model_dir()
     results = {"everyday_v0": everyday_answers(base), "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = redis_server.start_redis(Path(tmp) / "redis")
-        try:
-            settings = Settings(var_dir=Path(tmp) / "var", redis_url=url, base_model_dir=str(base))
-            ctx = Context.from_settings(settings)
-            ensure_initial_version(settings, ctx.redis, ctx.store)
-            for name in args.variants.split(","):
-                print(f"== {name}", flush=True)
-                results["rows"].append(run_variant(ctx, name, VARIANTS[name]))
-                write_result(args.name, results)
-        finally:
-            redis_server.stop(proc)
+    with pipeline_context(base) as ctx:
+        for name in args.variants.split(","):
+            print(f"== {name}", flush=True)
+            results["rows"].append(run_variant(ctx, name, VARIANTS[name]))
+            write_result(args.name, results)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +33,25 @@ def load_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@contextmanager
+def pipeline_context(model_dir: Path):
+    """A Context for in-process jobs (worker/pipeline.py: run_job): a fresh Redis and object store, v0 = model_dir."""
+    from sculptor import redis_server
+    from sculptor.bootstrap import ensure_initial_version
+    from sculptor.config import Settings
+    from sculptor.context import Context
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = redis_server.start_redis(Path(tmp) / "redis")
+        try:
+            settings = Settings(var_dir=Path(tmp) / "var", redis_url=url, base_model_dir=str(model_dir))
+            ctx = Context.from_settings(settings)
+            ensure_initial_version(settings, ctx.redis, ctx.store)
+            yield ctx
+        finally:
+            redis_server.stop(proc)
 
 
 def peak_rss_mb() -> float:
