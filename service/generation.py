@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ async def open_stream(serving: ServingModel, prompt: str | None, messages: list[
     if options.max_tokens > cap:
         raise ApiError(400, "max_tokens_too_large", f"max_tokens is {options.max_tokens}; the limit is {cap}")
     try:
-        ids = serving.encode(prompt, messages, options.max_tokens)
+        ids = await asyncio.to_thread(serving.encode, prompt, messages, options.max_tokens)
     except PromptTooLong as err:
         raise ApiError(400, "context_length_exceeded", str(err)) from None
     except EmptyPrompt as err:

@@ -8,9 +8,11 @@ from sculptor.context import Context
 from service.hotswap import ServingModel
 
 
-def get_ctx(request: Request) -> Context:
+# async, though they do not await: a sync dependency takes a threadpool thread per request, and routes
+# blocked on a hung Redis may hold all of them.
+async def get_ctx(request: Request) -> Context:
     return request.app.state.ctx
 
 
-def get_serving(request: Request) -> ServingModel:
+async def get_serving(request: Request) -> ServingModel:
     return request.app.state.serving

@@ -8,7 +8,6 @@ user types in (kept in the browser's localStorage) when the gateway asks for one
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
@@ -27,12 +26,12 @@ router = APIRouter(tags=["dashboard"])
 
 
 @router.get("/accuracy", dependencies=[require("tasks")])
-async def accuracy(version: str | None = None, ctx: Context = Depends(get_ctx)):
+def accuracy(version: str | None = None, ctx: Context = Depends(get_ctx)):
     """R[version][task] over the lineage of `version` (default: the current version), with AA and BWT."""
     version = version or ctx.versions.current()
     if version is None or ctx.versions.get(version) is None:
         raise ApiError(404, "model_not_found", f"no promoted version {version!r}; see GET /models")
-    matrix = await asyncio.to_thread(accuracy_matrix, ctx, version)
+    matrix = accuracy_matrix(ctx, version)
     return {"version": version, **matrix}
 
 

@@ -22,7 +22,7 @@ async def healthz():
 
 
 @router.get("/readyz")
-async def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
+def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     checks = {"engine_loaded": serving.ready, "serving_version": serving.version,
               "admitting": serving.pool.admitting, "replicas": serving.status()}
     try:

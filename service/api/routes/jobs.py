@@ -21,7 +21,7 @@ from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.security import Caller, require
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"])  # plain `def` routes: FastAPI runs them in its threadpool, off the event loop
 status_reader = require("tasks")
 
 
@@ -33,20 +33,20 @@ def _job_or_404(ctx: Context, job_id: str, caller: Caller) -> JobRecord:
 
 
 @router.get("/jobs")
-async def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), status: str | None = None,
-                    task_id: str | None = None, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), status: str | None = None,
+              task_id: str | None = None, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     owner = None if caller.is_admin else caller.name
     jobs, total = ctx.jobs.page_for(offset, limit, status=status, task_id=task_id, owner=owner)
     return {"jobs": [j.model_dump() for j in jobs], "total": total, "offset": offset}
 
 
 @router.get("/jobs/{job_id}", name="get_job")
-async def get_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+def get_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     return _job_or_404(ctx, job_id, caller).model_dump()
 
 
 @router.get("/jobs/{job_id}/events")
-async def job_events(job_id: str, request: Request, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+def job_events(job_id: str, request: Request, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     _job_or_404(ctx, job_id, caller)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return {"job_id": job_id, "events": ctx.jobs.events(job_id)}
@@ -68,7 +68,7 @@ async def _stream_events(ctx: Context, job_id: str, request: Request):
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
+def cancel_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     job = _job_or_404(ctx, job_id, caller)
     if job.finished:
         raise ApiError(409, "job_finished", f"job {job_id} already ended as {job.status}; nothing to cancel")
@@ -85,8 +85,8 @@ class PromoteRequest(BaseModel):
 
 
 @router.post("/jobs/{job_id}/promote")
-async def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_ctx),
-                        caller: Caller = require("admin")):
+def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_ctx),
+                  caller: Caller = require("admin")):
     """Serve a rejected candidate anyway (admin). Recorded as forced in the lineage."""
     job = _job_or_404(ctx, job_id, caller)
     if not body.force:

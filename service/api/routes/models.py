@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 
 from sculptor.context import Context
@@ -15,7 +17,7 @@ router = APIRouter(tags=["models"])
 
 
 @router.get("/models", dependencies=[require("tasks")])
-async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
+def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     current = ctx.versions.current()
     held = serving.pool.versions()  # more than one while a swap rolls through the replicas
     versions = [{**v.model_dump(), "current": v.version == current, "serving": v.version in held}
@@ -25,15 +27,16 @@ async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = D
 
 @router.post("/models/{version}/activate", dependencies=[require("admin")])
 async def activate(version: str, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
-    if ctx.versions.get(version) is None:
+    if await asyncio.to_thread(ctx.versions.get, version) is None:
         raise ApiError(404, "model_not_found", f"no promoted version {version!r}; see GET /models")
-    head = ctx.versions.current()
+    head = await asyncio.to_thread(ctx.versions.current)
     serving.refused.discard(version)
     record = await serving.swap_to(version)
     if not record.ok:
         raise ApiError(409, "swap_failed", f"{record.error}; still serving {serving.version}")
     try:  # a compare-and-set: a promotion that landed during the swap is not silently overwritten
-        ctx.versions.activate(version, expected_head=head)  # other gateways follow through the promotion channel
+        # other gateways follow through the promotion channel
+        await asyncio.to_thread(ctx.versions.activate, version, expected_head=head)
     except HeadMoved as moved:
         raise ApiError(409, "lineage_moved", f"{moved} while this gateway swapped to it; the gateway follows "
                        f"{moved.head} again within seconds: see GET /models, then activate {version} again "

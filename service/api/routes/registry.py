@@ -24,7 +24,7 @@ def detail(registry: SubspaceRegistry, version: str) -> dict | None:
 
 
 @router.get("/registry")
-async def registry_overview(ctx: Context = Depends(get_ctx)):
+def registry_overview(ctx: Context = Depends(get_ctx)):
     registry = SubspaceRegistry(ctx.redis, ctx.store)
     current = ctx.versions.current()
     versions = [summary for v in registry.list_versions() if (summary := detail(registry, v))]
@@ -32,7 +32,7 @@ async def registry_overview(ctx: Context = Depends(get_ctx)):
 
 
 @router.get("/registry/{version}")
-async def registry_version(version: str, ctx: Context = Depends(get_ctx)):
+def registry_version(version: str, ctx: Context = Depends(get_ctx)):
     summary = detail(SubspaceRegistry(ctx.redis, ctx.store), version)
     if summary is None:
         raise ApiError(404, "version_not_in_registry",

@@ -67,7 +67,7 @@ async def create_task(request: Request, ctx: Context = Depends(get_ctx),
                       caller: Caller = require("tasks", limit="upload")):
     submission = await read_submission(request, ctx.settings)
     check_gate_overrides(caller, submission.hyperparameters, ctx.settings.gate_thresholds)
-    task, job = store_and_enqueue(ctx, submission, owner=caller.name)
+    task, job = await asyncio.to_thread(store_and_enqueue, ctx, submission, owner=caller.name)
     answer = {"task_id": task.task_id, "job_id": job.job_id, "status": job.status,
               "status_url": str(request.url_for("get_job", job_id=job.job_id))}
     if task.webhook_secret:  # shown this once: it signs the task's webhooks (README.md, Webhooks)
@@ -218,14 +218,14 @@ def task_view(task: TaskRecord, caller: Caller) -> dict:
 
 
 @router.get("/tasks")
-async def list_tasks(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500),
-                     ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
+def list_tasks(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500),
+               ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
     tasks, total = ctx.tasks.page_for(offset, limit, owner=None if caller.is_admin else caller.name)
     return {"tasks": [task_view(t, caller) for t in tasks], "total": total, "offset": offset}
 
 
 @router.get("/tasks/{task_id}")
-async def get_task(task_id: str, ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
+def get_task(task_id: str, ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
     task = ctx.tasks.get(task_id)
     if task is None or not caller.may_see(task.owner):
         raise ApiError(404, "task_not_found", f"no task {task_id!r}")
