@@ -77,7 +77,7 @@ def test_concurrent_promotions_of_one_parent_never_fork(redis_client):
         assert versions.current() == winners[0] and versions.get(winners[0]).parent == head
 
 
-def test_a_rollback_during_a_job_supersedes_the_job(tmp_path, redis_url, tiny_learner_dir):
+def test_a_rollback_during_a_job_supersedes_the_job(tmp_path, redis_url, tiny_learner_dir, monkeypatch):
     """v0 -> v1 serving; a job starts on v1; an admin rolls back to v0; the job passes its gates but
     must not undo the rollback."""
     settings = tiny_settings(tmp_path / "var", redis_url, tiny_learner_dir, **SMALL_GATES,
@@ -94,7 +94,16 @@ def test_a_rollback_during_a_job_supersedes_the_job(tmp_path, redis_url, tiny_le
         job_id = r.json()["job_id"]
         ctx.redis.delete(ctx.settings.train_queue)  # this process runs the job; no Celery worker takes it
 
-        rollback = {}
+        rollback, rolled_back = {}, threading.Event()
+        # The rollback must land while the job runs, however slow the machine: the job's gate step waits
+        # for it (the real gates then run as usual).
+        real_gate = pipeline.gating.evaluate_candidate
+
+        def gate_after_the_rollback(*args, **kwargs):
+            assert rolled_back.wait(300), "the rollback never finished"
+            return real_gate(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline.gating, "evaluate_candidate", gate_after_the_rollback)
 
         def roll_back_once_running():
             deadline = time.monotonic() + 120
@@ -103,6 +112,7 @@ def test_a_rollback_during_a_job_supersedes_the_job(tmp_path, redis_url, tiny_le
             answer = httpx.post(f"{url}/models/v0/activate", headers=ADMIN, timeout=120)
             rollback.update(code=answer.status_code, body=answer.text,
                             job_status=ctx.jobs.get(job_id).status)
+            rolled_back.set()
 
         admin = threading.Thread(target=roll_back_once_running)
         admin.start()
