@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -45,7 +46,7 @@ class ObjectStore:
         """Write atomically where the backend allows it: a temporary object, then a rename."""
         path = self._resolve(key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = path + ".partial"
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # one per writer: two uploads of one dataset may race here
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
         self.fs.mv(tmp, path)

@@ -33,7 +33,7 @@ def _job_or_404(ctx: Context, job_id: str, caller: Caller) -> JobRecord:
 
 
 @router.get("/jobs")
-def list_jobs(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), status: str | None = None,
+def list_jobs(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500), status: str | None = None,
               task_id: str | None = None, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     owner = None if caller.is_admin else caller.name
     jobs, total = ctx.jobs.page_for(offset, limit, status=status, task_id=task_id, owner=owner)
