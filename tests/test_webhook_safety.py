@@ -16,7 +16,6 @@ import ssl
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -28,6 +27,7 @@ from gateway_helpers import running_gateway, tiny_settings
 
 from sculptor.records import JobRecord, TaskRecord
 from sculptor.webhooks import check_target, notify_terminal, verify
+from tests.webhook_receiver import receivers  # noqa: F401  (the fixture)
 
 EXAMPLES = [{"prompt": f"say {i}", "completion": str(i)} for i in range(12)]
 JOB = JobRecord(job_id="job_1", task_id="task_1", status="promoted", parent_version="v0", candidate_version="v1")
@@ -119,49 +119,6 @@ def test_allowed_hosts_may_be_internal(gateway):
 # ---------------------------------------------------------------------------------------------- delivery
 
 
-class Receiver:
-    """A real HTTP(S) server on 127.0.0.1 that keeps what it was sent (headers, raw body, TLS SNI)."""
-
-    def __init__(self, status: int = 200, tls: ssl.SSLContext | None = None):
-        self.requests: list[tuple[dict, bytes]] = []
-        self.sni: list[str | None] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                receiver.requests.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            tls.sni_callback = lambda sock, name, ctx: self.sni.append(name)
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receivers():
-    made = []
-
-    def make(**kwargs) -> Receiver:
-        made.append(Receiver(**kwargs))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
 def task_for(url: str, secret: str | None = "whsec_task_secret") -> TaskRecord:
     return TaskRecord(task_id="task_1", name="t", digest="d", dataset_uri="file:///x", num_examples=1, size_bytes=1,
                       webhook_url=url, webhook_secret=secret)
@@ -176,7 +133,7 @@ def receiver_check(secret: str, header: str, body: bytes, tolerance_s: int = 300
 
 
 def test_delivery_is_signed_with_the_task_secret(receivers):
-    receiver = receivers(status=503)
+    receiver = receivers(statuses=[503])
     url = f"http://127.0.0.1:{receiver.port}/hook"
     assert notify_terminal(task_for(url), JOB, attempts=2, first_delay_s=0.01, allow_hosts=["127.0.0.1"]) is False
     assert len(receiver.requests) == 2
