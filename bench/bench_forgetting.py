@@ -74,19 +74,6 @@ def submit(ctx, upload: dict, hp: dict):
     return job
 
 
-def force_promote(ctx, job):
-    """What `POST /jobs/{id}/promote {"force": true}` does for a rejected candidate."""
-    from sculptor import checkpoints
-    from sculptor.records import ModelVersion
-
-    gates = job.gates or {}
-    ctx.versions.promote(ModelVersion(
-        version=job.candidate_version, parent=job.parent_version, task_id=job.task_id, job_id=job.job_id,
-        checkpoint_uri=ctx.store.uri(checkpoints.prefix(job.candidate_version)), forced=True,
-        gate_summary={"passed": False, "forced": True, "summary": gates.get("summary"), "failed": gates.get("failed")}))
-    return ctx.jobs.update(job.job_id, reopen=True, status="promoted", gates={**gates, "forced": True})
-
-
 def job_row(job, wall: float, task_name: str) -> dict:
     t = job.training or {}
     auto = t.get("auto") or {}
@@ -129,6 +116,7 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
 def run_row(name: str, seed: int, model_dir: Path) -> dict:
     from worker import gating
     from worker.gates.scores import normalized
+    from service.api.routes.jobs import promote_rejected
     from worker.pipeline import run_job
 
     uploads = stream(seed)
@@ -141,7 +129,7 @@ def run_row(name: str, seed: int, model_dir: Path) -> dict:
             job_started = time.monotonic()
             job = run_job(ctx, submit(ctx, upload, ROWS[name]).job_id)
             if job.status == "rejected":
-                job = force_promote(ctx, job)
+                job = promote_rejected(ctx, job)  # what POST /jobs/{id}/promote {"force": true} does
             if job.status != "promoted":
                 raise SystemExit(f"{name}: {upload['name']} ended {job.status}: {job.error}")
             jobs.append(job_row(job, time.monotonic() - job_started, upload["name"]))

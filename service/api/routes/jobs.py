@@ -91,6 +91,12 @@ def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_
     job = _job_or_404(ctx, job_id, caller)
     if not body.force:
         raise ApiError(400, "force_required", 'promoting past failed gates needs {"force": true}')
+    return promote_rejected(ctx, job).model_dump()
+
+
+def promote_rejected(ctx: Context, job: JobRecord) -> JobRecord:
+    """Make a rejected job's candidate current, recorded as forced (ApiError 409 when it cannot be)."""
+    job_id = job.job_id
     if job.status != "rejected" or not job.candidate_version:
         raise ApiError(409, "not_rejected", f"job {job_id} is {job.status}; only a rejected candidate can be forced")
     if ctx.versions.current() != job.parent_version:
@@ -108,4 +114,4 @@ def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_
         ))
     except HeadMoved as moved:
         raise ApiError(409, "lineage_moved", f"{moved}; resubmit the task to train on {moved.head}") from None
-    return ctx.jobs.update(job_id, reopen=True, status="promoted", gates={**gates, "forced": True}).model_dump()
+    return ctx.jobs.update(job_id, reopen=True, status="promoted", gates={**gates, "forced": True})
