@@ -157,7 +157,7 @@ def check_token_budget(batches: training_data.Batches, limit: int, examples: int
 
 
 def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
-                    deadline: Deadline | None = None, check_lock=lambda: None) -> Candidate:
+                    deadline: Deadline, check_lock=lambda: None) -> Candidate:
     settings = ctx.settings
     hp = task.hyperparameters
     parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
@@ -174,7 +174,6 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     if hp.max_steps:
         batches = batches[: hp.max_steps]
     check_token_budget(batches, settings.max_training_tokens, len(everything), epochs)
-    deadline = deadline or Deadline(settings.job_time_limit_s)
     steps_per_epoch = max(1, -(-len(everything) // batch_size))
 
     registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
