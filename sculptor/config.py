@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     engine_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM's share of each GPU's memory
     swap_lock_wait_s: float = 300.0  # how long a gateway waits for another gateway's swap before swapping anyway
     max_tokens_cap: int = 1024
+    # /v1 requests: completions one request may ask for (n times the prompts), and the token budget of
+    # a request that names none (OpenAI clients often send no max_tokens).
+    max_completions_per_request: int = Field(16, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    # vLLM's tool-call parser for the model's tool-call format (tool_choice "auto"/"required"); empty: none,
+    # and only a named tool_choice is served. Hermes' <tool_call> JSON suits ChatML models like SmolLM2.
+    engine_tool_call_parser: str = "hermes"
+    # Structured JSON outputs without free whitespace between tokens (a small or random model may otherwise
+    # spend its whole budget on blanks).
+    engine_json_without_whitespace: bool = False
 
     # Access: no keys means an open gateway, which answers loopback clients only (service/api/exposure.py)
     # unless allow_open says that serving everyone without keys is meant.

@@ -49,7 +49,8 @@ def make_engine(settings: Settings) -> Engine:
 
         return VLLMEngine(settings.engine_dtype, settings.engine_max_model_len, settings.engine_max_num_seqs,
                           settings.engine_enforce_eager, settings.engine_kv_cache_gib, settings.swap_pause_mode,
-                          _tensor_parallel_size(settings), settings.engine_gpu_memory_utilization)
+                          _tensor_parallel_size(settings), settings.engine_gpu_memory_utilization,
+                          settings.engine_tool_call_parser or None, settings.engine_json_without_whitespace)
     from service.engines.hf_engine import TransformersEngine
 
     return TransformersEngine(settings.engine_dtype, settings.engine_max_model_len)
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(record_request)
     for module in (tasks, jobs, generate, openai, models, registry, health, dashboard):
         app.include_router(module.router)
+    app.include_router(openai.tokens_router)
     if app.state.keyring.open:
         guard_open_gateway(app, settings)
     return app

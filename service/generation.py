@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from sculptor.config import Settings
+from sculptor.text import HOW_TO_FIX, lone_surrogate
 from service import metrics
 from service.api.errors import ApiError
 from service.engines.base import Chunk, EmptyPrompt, PromptTooLong, SamplingOptions
@@ -29,6 +30,15 @@ class Stream:
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
+
+
+def check_text(texts: list[str]) -> None:
+    """Text that no tokenizer can encode (a lone UTF-16 surrogate) is refused, saying where it is."""
+    for i, text in enumerate(texts):
+        at = lone_surrogate(text)
+        if at is not None:
+            raise ApiError(400, "invalid_text", f"text {i} of the request holds a lone UTF-16 surrogate "
+                           f"(\\u{ord(text[at]):04x}) at character {at}: {HOW_TO_FIX}")
 
 
 def check_request_size(settings: Settings, prompt: str | None, messages: list[dict] | None, stop: list[str]) -> None:

@@ -100,7 +100,7 @@ class ServingModel:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         for replica in self.pool.replicas:
             await replica.engine.start(model_dir)
-            replica.version, replica.model_dir = version, model_dir
+            replica.hold(version, model_dir)
             self.pool.put_back(replica)
         self.version, self.model_dir = version, model_dir
         metrics.set_serving_version(version)
@@ -166,7 +166,7 @@ class ServingModel:
         paused = time.monotonic()
         try:
             await replica.engine.reload(model_dir)
-            replica.version, replica.model_dir = version, model_dir
+            replica.hold(version, model_dir)
         except Exception:
             await replica.engine.reload(replica.model_dir)  # the previous weights, before it serves again
             raise

@@ -28,6 +28,12 @@ class Replica:
     def __post_init__(self):
         self.idle.set()
 
+    def hold(self, version: str, model_dir: Path) -> None:
+        """Record the version the engine now holds; vLLM's OpenAI layer then names it in every answer."""
+        self.version, self.model_dir = version, model_dir
+        if getattr(self.engine, "openai", None) is not None:
+            self.engine.openai.serve_as(version)
+
     def status(self) -> dict:
         return {"replica": self.index, "version": self.version, "admitted": self.admitted,
                 "in_flight": self.in_flight}
@@ -53,17 +59,23 @@ class ReplicaPool:
     def least_busy_first(self) -> list[Replica]:
         return sorted(self.replicas, key=lambda r: r.in_flight)
 
-    async def acquire(self) -> Replica:
-        """The admitted replica with the fewest requests in flight; waits while none is admitted."""
+    async def acquire(self, version: str | None = None) -> Replica:
+        """The admitted replica with the fewest requests in flight (of those holding `version`, if given);
+        waits while none is admitted. LookupError if no replica holds `version`."""
         while True:
-            admitted = [r for r in self.replicas if r.admitted]
+            if version is not None and version not in self.versions():
+                raise LookupError(version)
+            admitted = [r for r in self.replicas if r.admitted and version in (None, r.version)]
             if admitted:
                 replica = min(admitted, key=lambda r: r.in_flight)
                 replica.in_flight += 1
                 replica.idle.clear()
                 metrics.REPLICA_IN_FLIGHT.labels(str(replica.index)).set(replica.in_flight)
                 return replica
-            await self._any_admitted.wait()
+            if version is None:
+                await self._any_admitted.wait()
+            else:  # the replicas holding it are being swapped (rare, short): look again shortly
+                await asyncio.sleep(0.05)
 
     def release(self, replica: Replica) -> None:
         replica.in_flight -= 1

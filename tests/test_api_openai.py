@@ -18,9 +18,9 @@ def client(base_url):
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
 
 
-def test_models_lists_serving_version(client):
+def test_models_lists_current_and_the_promoted_versions(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["v0", "current"]
+    assert ids == ["current", "v0"]
 
 
 def test_chat_completion(client):

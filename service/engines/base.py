@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 
 @dataclass
@@ -42,6 +42,7 @@ class EmptyPrompt(ValueError):
 class Engine(Protocol):
     name: str
     max_model_len: int
+    openai: Any  # vLLM's OpenAI serving layer on this engine (service/engines/vllm_openai.py), or None
 
     async def start(self, model_dir: Path) -> None: ...
 

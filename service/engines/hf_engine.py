@@ -25,6 +25,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 class TransformersEngine:
     name = "transformers"
+    openai = None  # no vLLM serving layer: the /v1 routes use their own subset (service/api/openai_fallback.py)
 
     def __init__(self, dtype: str, max_model_len: int):
         self.dtype = getattr(torch, dtype)

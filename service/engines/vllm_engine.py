@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 from service.engines.amx import check_engine_settings
 from service.engines.base import Chunk, SamplingOptions
+from service.engines.vllm_openai import VLLMOpenAI
 
 
 class VLLMEngine:
@@ -21,7 +22,8 @@ class VLLMEngine:
 
     def __init__(self, dtype: str, max_model_len: int, max_num_seqs: int, enforce_eager: bool,
                  kv_cache_gib: int = 2, pause_mode: str = "keep", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, tool_call_parser: str | None = None,
+                 json_without_whitespace: bool = False):
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -30,7 +32,10 @@ class VLLMEngine:
         self.pause_mode = pause_mode
         self.tensor_parallel_size = tensor_parallel_size
         self.gpu_memory_utilization = gpu_memory_utilization  # ignored by the CPU backend
+        self.tool_call_parser = tool_call_parser
+        self.json_without_whitespace = json_without_whitespace
         self.llm = None
+        self.openai: VLLMOpenAI | None = None  # vLLM's OpenAI serving layer on this engine (/v1 routes)
         # Salts the prefix cache per weights load: a block computed by earlier weights is never reused,
         # even when the cache reset after a reload cannot free the blocks of requests still in flight.
         self.weights_load = 0
@@ -52,8 +57,18 @@ class VLLMEngine:
             seed=0, tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
             worker_extension_cls="service.engines.vllm_worker.SculptorWorkerExtension",
+            **self._structured_outputs(),
         )
         self.llm = AsyncLLM.from_engine_args(args)
+        self.openai = await VLLMOpenAI.build(self.llm, model_dir, self.tool_call_parser)
+
+    def _structured_outputs(self) -> dict:
+        """JSON outputs without free whitespace (xgrammar's compact separators) when asked; vLLM's defaults otherwise."""
+        if not self.json_without_whitespace:
+            return {}
+        from vllm.config import StructuredOutputsConfig
+
+        return {"structured_outputs_config": StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)}
 
     async def generate(self, prompt_ids: list[int], options: SamplingOptions, request_id: str) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
@@ -94,4 +109,4 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         if self.llm is not None:
             self.llm.shutdown()
-            self.llm = None
+            self.llm, self.openai = None, None
