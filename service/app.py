@@ -25,6 +25,7 @@ from service.api.security import KeyRing
 from service.api.routes import dashboard, generate, health, jobs, models, openai, registry, tasks
 from service.engines.base import Engine
 from service.hotswap import ServingModel
+from service.promotions import PromotionListener
 from worker.recovery import recover_orphans
 
 log = logging.getLogger("sculptor.gateway")
@@ -88,7 +89,7 @@ async def lifespan(app: FastAPI):
     await asyncio.to_thread(ensure_indexes, ctx.tasks, ctx.jobs)  # once, for records from before the indexes
     log.info("loading %s into %d %s engine(s)", version, len(serving.pool), serving.engine.name)
     await serving.start(version)
-    background = [asyncio.create_task(serving.follow_promotions()), asyncio.create_task(recover_jobs(ctx))]
+    background = [asyncio.create_task(PromotionListener(serving).run()), asyncio.create_task(recover_jobs(ctx))]
     try:
         yield
     finally:

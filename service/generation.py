@@ -14,6 +14,7 @@ from service import metrics
 from service.api.errors import ApiError
 from service.engines.base import Chunk, EmptyPrompt, PromptTooLong, SamplingOptions
 from service.hotswap import ServingModel
+from service.prompts import encode_prompt
 
 
 @dataclass
@@ -70,7 +71,8 @@ async def open_stream(serving: ServingModel, prompt: str | None, messages: list[
     if options.max_tokens > cap:
         raise ApiError(400, "max_tokens_too_large", f"max_tokens is {options.max_tokens}; the limit is {cap}")
     try:
-        ids = await asyncio.to_thread(serving.encode, prompt, messages, options.max_tokens)
+        ids = await asyncio.to_thread(encode_prompt, serving.tokenizer, prompt, messages, options.max_tokens,
+                                    serving.engine.max_model_len)
     except PromptTooLong as err:
         raise ApiError(400, "context_length_exceeded", str(err)) from None
     except EmptyPrompt as err:

@@ -11,14 +11,13 @@ A swap (on a promotion event or an admin's activate) runs in this order:
 4. if a reload fails, that replica gets its previous weights back before it serves again, the
    replicas already swapped are rolled back, and the swap is reported failed: the old version
    keeps serving everywhere.
-Promotions arrive on Redis pub/sub; a periodic check of the `current` key catches any
-message missed while Redis was away.
+Which version to swap to comes from the promotion listener (service/promotions.py); prompts are
+encoded by service/prompts.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -30,9 +29,8 @@ import redis
 from sculptor import checkpoints
 from sculptor.context import Context
 from sculptor.locks import LockBusy, held_lock
-from sculptor.records import CANDIDATES_CHANNEL, PROMOTIONS_CHANNEL, VersionStore
 from service import metrics
-from service.engines.base import EmptyPrompt, Engine, PromptTooLong
+from service.engines.base import Engine
 from service.replicas import Replica, ReplicaPool
 
 log = logging.getLogger("sculptor.gateway")
@@ -78,7 +76,6 @@ class ServingModel:
         self.tokenizer = None
         self.swaps: list[SwapRecord] = []
         self.refused: set[str] = set()  # versions whose swap failed: not retried by the catch-up loop
-        self._prefetches: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
     @property
@@ -96,7 +93,7 @@ class ServingModel:
     async def start(self, version: str) -> None:
         from transformers import AutoTokenizer
 
-        model_dir = await asyncio.to_thread(self._fetch, version)
+        model_dir = await asyncio.to_thread(self.fetch, version)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         for replica in self.pool.replicas:
             await replica.engine.start(model_dir)
@@ -108,7 +105,7 @@ class ServingModel:
     async def shutdown(self) -> None:
         await self.pool.shutdown()
 
-    def _fetch(self, version: str) -> Path:
+    def fetch(self, version: str) -> Path:
         return checkpoints.fetch(self.ctx.store, version, self.ctx.settings.checkpoint_cache_dir)
 
     async def swap_to(self, version: str) -> SwapRecord:
@@ -117,7 +114,7 @@ class ServingModel:
                 return SwapRecord(version, version, True, 0.0, 0.0)
             started = time.monotonic()
             try:
-                model_dir = await asyncio.to_thread(self._fetch, version)
+                model_dir = await asyncio.to_thread(self.fetch, version)
                 checkpoints.check_same_layout(model_dir, self.model_dir)
             except Exception as err:
                 return self._record(SwapRecord(version, self.version, False, time.monotonic() - started, 0.0,
@@ -209,62 +206,3 @@ class ServingModel:
             self.refused.add(record.version)
             log.error("swap to %s failed, still serving %s: %s", record.version, self.version, record.error)
         return record
-
-    def encode(self, prompt: str | None, messages: list[dict] | None, max_tokens: int) -> list[int]:
-        if messages is not None:
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise EmptyPrompt("the prompt is empty: give at least one token of text")
-        if len(ids) + max_tokens > self.engine.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, but the model's context "
-                f"is {self.engine.max_model_len} tokens: shorten the prompt or lower max_tokens"
-            )
-        return ids
-
-    async def follow_promotions(self, poll_s: float = 5.0) -> None:
-        """Swap to every promoted version, for as long as the gateway runs."""
-        import redis.asyncio as aioredis
-
-        while True:
-            try:
-                client = aioredis.Redis.from_url(self.ctx.settings.redis_url, decode_responses=True)
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(PROMOTIONS_CHANNEL, CANDIDATES_CHANNEL)
-                    await self._catch_up(client)
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
-                        if message is None:
-                            await self._catch_up(client)
-                        elif message["channel"] == CANDIDATES_CHANNEL:
-                            self._prefetch(json.loads(message["data"])["version"])
-                        else:
-                            await self.swap_to(await self._newest(client, json.loads(message["data"])["version"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # Redis away: keep serving, retry shortly
-                log.warning("promotion listener: %s; retrying", err)
-                await asyncio.sleep(poll_s)
-
-    def _prefetch(self, version: str) -> None:
-        """Fetch and verify a candidate while it is being gated, so its swap does not wait on the copy."""
-        async def fetch():
-            try:
-                await asyncio.to_thread(self._fetch, version)
-            except Exception as err:
-                log.warning("prefetch of %s failed (the swap will fetch again): %s", version, err)
-
-        task = asyncio.create_task(fetch())
-        self._prefetches.add(task)
-        task.add_done_callback(self._prefetches.discard)
-
-    async def _newest(self, client, announced: str) -> str:
-        """The current version, which may be newer than the one announced: promotions that arrived
-        during a long swap are skipped over rather than swapped in one after another."""
-        return await client.get(VersionStore.current_key) or announced
-
-    async def _catch_up(self, client) -> None:
-        current = await client.get(VersionStore.current_key)
-        if current and current != self.version and current not in self.refused:
-            await self.swap_to(current)

@@ -24,6 +24,7 @@ from service.engines.hf_engine import TransformersEngine
 from service.engines.vllm_engine import VLLMEngine
 from service.generation import open_stream
 from service.hotswap import FLEET_LOCK, ServingModel
+from service.prompts import encode_prompt
 from service.replicas import Replica
 
 pytestmark = pytest.mark.e2e
@@ -57,7 +58,7 @@ def pair(ctx, loop):
 
 
 async def greedy_on(replica: Replica, prompt: str, model: ServingModel) -> str:
-    ids = model.encode(prompt, None, GREEDY.max_tokens)
+    ids = encode_prompt(model.tokenizer, prompt, None, GREEDY.max_tokens, model.engine.max_model_len)
     pieces = [chunk.text async for chunk in replica.engine.generate(ids, GREEDY, f"ref-{time.monotonic_ns()}")]
     return "".join(pieces)
 
