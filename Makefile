@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-forgetting-methods bench-gates bench-serving bench-general-chat clean
+.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-forgetting-methods bench-gates bench-serving bench-general-chat bench-capacity clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,10 @@ bench-serving: model
 
 bench-general-chat: model
 	$(PY) bench/bench_general_chat.py
+
+# The planner alone (no model, no training): trainable directions per matrix over 1,000 tasks.
+bench-capacity: venv
+	$(PY) bench/bench_capacity.py
 
 clean:
 	rm -rf var bench/results/*.json bench/results/*.png

@@ -116,7 +116,7 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
 def run_row(name: str, seed: int, model_dir: Path) -> dict:
     from worker import gating
     from worker.gates.scores import normalized
-    from service.api.routes.jobs import promote_rejected
+    from sculptor import lineage
     from worker.pipeline import run_job
 
     uploads = stream(seed)
@@ -129,7 +129,7 @@ def run_row(name: str, seed: int, model_dir: Path) -> dict:
             job_started = time.monotonic()
             job = run_job(ctx, submit(ctx, upload, ROWS[name]).job_id)
             if job.status == "rejected":
-                job = promote_rejected(ctx, job)  # what POST /jobs/{id}/promote {"force": true} does
+                job = lineage.force_promote(ctx.versions, ctx.jobs, ctx.store, job)  # as POST /jobs/{id}/promote does
             if job.status != "promoted":
                 raise SystemExit(f"{name}: {upload['name']} ended {job.status}: {job.error}")
             jobs.append(job_row(job, time.monotonic() - job_started, upload["name"]))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import redis
 
-from sculptor import checkpoints
+from sculptor import lineage
 from sculptor.config import Settings
-from sculptor.records import ModelVersion, VersionStore
+from sculptor.records import VersionStore
 from sculptor.storage import ObjectStore
 
 
@@ -25,11 +25,4 @@ def base_model_dir(settings: Settings) -> Path:
 
 def ensure_initial_version(settings: Settings, client: redis.Redis, store: ObjectStore) -> str:
     """The serving version; on a fresh install, publish the base model as v0 and serve it."""
-    versions = VersionStore(client)
-    current = versions.current()
-    if current:
-        return current
-    if not checkpoints.is_committed(store, "v0"):
-        checkpoints.publish_dir(store, base_model_dir(settings), "v0")
-    versions.promote(ModelVersion(version="v0", checkpoint_uri=store.uri(checkpoints.prefix("v0"))))
-    return "v0"
+    return lineage.register_base(VersionStore(client), store, lambda: base_model_dir(settings))

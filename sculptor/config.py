@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # bf16 autocast in training: None = only where the hardware has fast bf16 (CUDA, AVX-512 BF16/AMX CPUs);
     # on an AVX2-only CPU a bf16 linear is several times slower than fp32.
     train_bf16: bool | None = None
+    # The one device a job trains and gates on (worker/training/device.py): auto (CUDA when present), cpu,
+    # cuda or cuda:N.
+    train_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     # Regression gates: suite files (empty: the shipped suites), items used per suite (None: all),
     # and default thresholds (field names of worker.gates.GateThresholds; per-task overrides too).

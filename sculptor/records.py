@@ -83,6 +83,7 @@ class JobRecord(BaseModel):
     gates: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
     error: str | None = None
+    error_code: str | None = None  # a failed job's reason for programs, e.g. "capacity_exhausted"
     cancel_requested: bool = False
     attempts: int = 0
 
@@ -390,6 +391,10 @@ class VersionStore(_JsonStore):
 
     def current(self) -> str | None:
         return self.r.get(self.current_key)
+
+    def announce_candidate(self, version: str) -> None:
+        """Tell every gateway that a candidate was saved, so they fetch it while it is gated."""
+        self.r.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
 
     def promote(self, version: ModelVersion) -> None:
         """Record `version` in the lineage, make it current, and tell every gateway.

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sculptor.datasets import Hyperparameters
-from worker.osft import OSFTConfig, build_constraint
+from worker.osft import CapacityExhausted, OSFTConfig, build_constraint
 from worker.osft.constraint import plan_matrices
 from worker.osft.subspace import compute_bases
 from worker.training.data import make_batches, tokenize_chat
@@ -52,16 +52,19 @@ def test_update_stays_orthogonal_to_protected_directions(tiny_model_dir):
         assert (delta @ Vh[:k].T).norm() <= 1e-4 * size, f"{name} moved in a protected right direction"
 
 
-def test_spent_matrices_stop_training_and_are_reported(tiny_model_dir):
+def test_a_job_with_every_matrix_spent_fails_with_capacity_exhausted(tiny_model_dir):
+    # Formerly the constraint came back with no trainable parameter and the optimizer raised torch's
+    # "empty parameter list"; now the plan is refused before any SVD, naming the matrices.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     batches = chat_batches(tiny_model_dir, epochs=1)
     before = snapshot(model)
     config = OSFTConfig(mean_protected_ratio=0.99, min_protected_ratio=0.99, max_protected_ratio=0.99)
-    constraint = build_constraint(model, Hyperparameters(), "base", None, batches[:1], config=config)
-    assert constraint.trainable_parameters() == []
-    report = constraint.report()
-    assert report["trainable_matrices"] == 0 and len(report["spent_matrices"]) == 14
-    assert all(not p.requires_grad for p in model.parameters())
+    with pytest.raises(CapacityExhausted) as raised:
+        build_constraint(model, Hyperparameters(), "base", None, batches[:1], config=config)
+    assert raised.value.code == "capacity_exhausted" and len(raised.value.spent) == 14
+    message = str(raised.value)
+    assert "all 14 target matrices are spent" in message and "model.layers.0.self_attn.q_proj" in message
+    assert "and 11 more" in message and "protected ratios" in message and "activate" in message
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
@@ -76,14 +79,18 @@ def test_full_fine_tuning_trains_the_same_matrices_without_projection(tiny_model
     assert constraint.report()["method"] == "full"
 
 
-def test_protection_grows_with_tasks_and_never_shrinks():
+def test_protection_grows_with_tasks_and_never_shrinks_without_the_memory():
+    # The old schedule, unbounded; with the task memory on (the default) growth stops at max_grown_ratio
+    # (tests/test_capacity.py), so this runs with the memory off.
+    config = OSFTConfig(task_memory=False)
     shapes = {"model.layers.0.mlp.up_proj": (256, 128), "model.layers.1.mlp.up_proj": (256, 128)}
     importance = {0: 0.9, 1: 0.3}
-    first = plan_matrices(shapes, importance, None, OSFTConfig())
+    first = plan_matrices(shapes, importance, None, config)
     ratios = [plan.protected_ratio for plan in first.values()]
     assert ratios[0] > 0.75 > ratios[1] >= 0.5  # the layer that changes its input less is protected more
+    assert first == plan_matrices(shapes, importance, None, OSFTConfig())  # the first task: the same either way
     record = {"tasks": ["t1"], "matrices": {name: {"k": plan.k} for name, plan in first.items()}}
-    second = plan_matrices(shapes, {0: 0.3, 1: 0.9}, record, OSFTConfig())  # importance flips
+    second = plan_matrices(shapes, {0: 0.3, 1: 0.9}, record, config)  # importance flips
     for name in shapes:
         assert second[name].k >= first[name].k
     uniform = plan_matrices(shapes, importance, None, OSFTConfig(adaptive_ranks=False))
@@ -92,7 +99,7 @@ def test_protection_grows_with_tasks_and_never_shrinks():
     assert all(plan.k == round((1 - 0.25 * 0.85**2) * 128) for plan in grown.values())
 
 
-@pytest.mark.parametrize("bad", [dict(mean_protected_ratio=0.4), dict(remainder_decay=0.0)])
+@pytest.mark.parametrize("bad", [dict(mean_protected_ratio=0.4), dict(remainder_decay=0.0), dict(max_grown_ratio=0.0)])
 def test_config_refuses_inconsistent_ratios(bad):
     with pytest.raises(ValueError):
         OSFTConfig(**bad)

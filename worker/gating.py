@@ -16,6 +16,7 @@ from sculptor.records import TaskRecord
 from worker import gates
 from worker.gates.evaluate import TaskEval
 from worker.gates.scores import normalized
+from worker.training.device import resolve_train_device
 
 SCORES_KEY = "sculptor:scores:{}"
 
@@ -88,7 +89,7 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
     thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
     parent_scores, candidate_scores, report = score_and_decide(
         task_evals, suites(ctx), task.task_id, parent_dir, candidate_dir, load_scores(ctx, parent),
-        thresholds, overrides, task_answers(ctx, task))
+        thresholds, overrides, task_answers(ctx, task), device=resolve_train_device(ctx.settings.train_device))
     save_scores(ctx, parent, parent_scores)
     save_scores(ctx, candidate, candidate_scores)
     return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds, "work": candidate_scores.work}
@@ -97,14 +98,15 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
 def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, new_task_id: str,
                      parent_dir: Path, candidate_dir: Path, parent_stored: gates.VersionScores | None,
                      thresholds: gates.GateThresholds, overrides: dict | None = None,
-                     new_task_answers: set[str] | frozenset[str] = frozenset(),
+                     new_task_answers: set[str] | frozenset[str] = frozenset(), device=None,
                      ) -> tuple[gates.VersionScores, gates.VersionScores, gates.GateReport]:
     """The gate without Redis: complete the parent's stored scores (usually just the new task),
-    score the candidate on everything, decide. bench/bench_gates.py times exactly this."""
-    parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir), task_evals, the_suites,
-                                   reuse=parent_stored)
-    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir), task_evals, the_suites,
-                                      chat_reference=parent_scores.general_chat)
+    score the candidate on everything, decide. bench/bench_gates.py times exactly this.
+    `device`: where the two models run (the job's; None: the CPU)."""
+    parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir, device=device), task_evals,
+                                   the_suites, reuse=parent_stored)
+    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir, device=device), task_evals,
+                                      the_suites, chat_reference=parent_scores.general_chat)
     # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
     earlier = [t for t in task_evals if t != new_task_id]
     report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier,

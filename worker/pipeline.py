@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from sculptor import checkpoints
+from sculptor import checkpoints, lineage
 from sculptor.context import Context
 from sculptor.datasets import Example
-from sculptor.records import CANDIDATES_CHANNEL, HeadMoved, JobEnded, JobRecord, ModelVersion, Progress, TaskRecord
+from sculptor.records import HeadMoved, JobEnded, JobRecord, Progress, TaskRecord
 from worker import gating, osft
 from worker.training import data as training_data
 from worker.training import auto, replay
+from worker.training.device import load_model, resolve_train_device, use_bf16
 from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
 
 log = logging.getLogger("sculptor.worker")
@@ -59,6 +60,11 @@ class Candidate:
     training: dict
 
 
+# JobRecord.error_code of each failure a job can end with.
+FAILURE_CODES = {NonFiniteLoss: "non_finite_loss", JobTooLarge: "job_too_large", JobTimeLimit: "job_time_limit",
+                 osft.CapacityExhausted: osft.CapacityExhausted.code}
+
+
 def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
     """`check_lock` raises (sculptor.locks.LockLost) once this worker lost the job's lock: the job stops."""
     job = ctx.jobs.get(job_id)
@@ -69,7 +75,7 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
     parent = ctx.versions.current()
     try:
         job = ctx.jobs.update(job_id, status="running", parent_version=parent, attempts=job.attempts + 1,
-                              error=None, progress=Progress())
+                              error=None, error_code=None, progress=Progress())
     except JobEnded:
         return ctx.jobs.get(job_id)  # cancelled between the check above and now
     task = ctx.tasks.get(job.task_id)
@@ -87,14 +93,15 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
             return ctx.jobs.update(job_id, status="cancelled", gates=report,
                                    error="cancelled during evaluation; the candidate was not promoted")
         check_lock()
-        promote(ctx, job, task, candidate, report)
+        lineage.promote_candidate(ctx.versions, ctx.store, job, candidate.version,
+                                  {"passed": report["passed"], "summary": report["summary"], "failed": report["failed"]})
         report["lineage"] = gating.accuracy_matrix(ctx, candidate.version)
         return ctx.jobs.update(job_id, status="promoted", gates=report)
     except TrainingCancelled as err:
         return ctx.jobs.update(job_id, status="cancelled", error=str(err))
-    except (NonFiniteLoss, JobTooLarge, JobTimeLimit) as err:
-        return ctx.jobs.update(job_id, status="failed", error=str(err))
-    except HeadMoved as err:  # from promote(): e.g. an admin rolled back while this job trained
+    except tuple(FAILURE_CODES) as err:
+        return ctx.jobs.update(job_id, status="failed", error=str(err), error_code=FAILURE_CODES[type(err)])
+    except HeadMoved as err:  # from promote_candidate(): e.g. an admin rolled back while this job trained
         return ctx.jobs.update(job_id, status="superseded", gates=report,
                                error=f"{err}; its gates passed: resubmit the task to retrain it on {err.head}")
 
@@ -161,7 +168,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     settings = ctx.settings
     hp = task.hyperparameters
     parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
-    model, tokenizer = load_model(parent_dir)
+    device = resolve_train_device(settings.train_device)
+    model, tokenizer = load_model(parent_dir, device)
     auto_lr, auto_epochs = (_is_auto(v, settings.auto_hyperparameters) for v in (hp.learning_rate, hp.epochs))
     data = training_data_for(ctx, task, model, tokenizer, split_validation=auto_lr)
     batch_size = hp.batch_size or settings.default_batch_size
@@ -179,7 +187,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
     constraint = osft.build_constraint(model, hp, parent, registry, batches[:4],
                                        chat_batches=chat_memory_batches(hp, model, tokenizer, data, batch_size))
-    bf16 = use_bf16(settings.train_bf16)
+    bf16 = use_bf16(settings.train_bf16, device)
     learning_rate, chosen = choose_learning_rate(ctx, hp, model, constraint, data, batch_size, tokenizer.pad_token_id,
                                                  bf16, epochs, len(batches))
     torch.manual_seed(hp.seed)
@@ -194,7 +202,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     )
     version = ctx.versions.next_name()
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)
-    ctx.redis.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
+    lineage.announce_candidate(ctx.versions, version)
     subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint,
                                    memory_batches=batches[:min(steps_per_epoch, MEMORY_BATCHES)])
     training = {"steps": result.steps, "final_loss": result.final_loss, "examples": data.examples,
@@ -207,39 +215,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     return Candidate(version, uri, model_dir, parent_dir, training)
 
 
-def promote(ctx: Context, job: JobRecord, task: TaskRecord, candidate: Candidate, report: dict,
-            forced: bool = False) -> ModelVersion:
-    version = ModelVersion(
-        version=candidate.version, parent=job.parent_version, task_id=task.task_id, job_id=job.job_id,
-        checkpoint_uri=candidate.checkpoint_uri, forced=forced,
-        gate_summary={"passed": report["passed"], "summary": report["summary"], "failed": report["failed"]},
-    )
-    ctx.versions.promote(version)
-    log.info("promoted %s (job %s, task %s)", version.version, job.job_id, task.task_id)
-    return version
-
-
 def _is_auto(value, auto_by_default: bool) -> bool:
     return value == "auto" or (value is None and auto_by_default)
-
-
-def use_bf16(configured: bool | None) -> bool:
-    if configured is not None:
-        return configured
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def load_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def load_examples(ctx: Context, uri: str) -> list[Example]:

@@ -24,6 +24,8 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
+from worker.training.device import autocast
+
 
 @dataclass
 class GenerationStats:
@@ -64,10 +66,10 @@ class HFGenerator:
         self.stats = GenerationStats()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> HFGenerator:
+    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None, **kwargs) -> HFGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or "cpu")
         return cls(model, AutoTokenizer.from_pretrained(path), **kwargs)
 
     def _chatml_end_of_turn(self) -> int | None:
@@ -81,7 +83,7 @@ class HFGenerator:
         return sorted(i for i in ids if i is not None)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast)
+        return autocast(self.device, self.bf16_autocast)
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -25,20 +25,22 @@ constraint (SubspaceConstraint), full (FullFineTuning), registry (SubspaceRegist
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from worker.osft.config import OSFTConfig
-from worker.osft.constraint import SubspaceConstraint, plan_matrices
+from worker.osft.constraint import CapacityExhausted, SubspaceConstraint, plan_matrices, require_capacity
 from worker.osft.full import FullFineTuning
 from worker.osft.importance import layer_importance
 from worker.osft.memory import grow_memory, input_covariances
 from worker.osft.registry import SubspaceRegistry
 from worker.osft.subspace import Bases, compute_bases, target_modules
 
-__all__ = ["OSFTConfig", "SubspaceRegistry", "SubspaceConstraint", "FullFineTuning",
+__all__ = ["OSFTConfig", "SubspaceRegistry", "SubspaceConstraint", "FullFineTuning", "CapacityExhausted",
            "build_constraint", "record_version"]
+log = logging.getLogger("sculptor.worker")
 
 
 def build_constraint(
@@ -61,30 +63,40 @@ def build_constraint(
         return FullFineTuning(model, config, parent_tasks)
 
     targets = target_modules(model, config)
-    bases, timings, hit = _parent_bases(targets, parent_version, parent_record, registry)
+    started = time.monotonic()
+    importance = layer_importance(model, importance_batches) if config.adaptive_ranks else {}
+    importance_s = time.monotonic() - started
+    shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+    plans = plan_matrices(shapes, importance, parent_record, config)
+    require_capacity(plans, config, len(parent_tasks))
+    trainable = [name for name, plan in plans.items() if not plan.spent]
+    bases, timings, hit = _parent_bases(targets, trainable, parent_version, parent_record, registry)
+    device = next(iter(targets.values())).weight.device
+    bases = {name: b.to(device) for name, b in bases.items()}  # the registry's tensors load on the CPU
+    timings["importance_s"] = importance_s
+    lost = [name for name in trainable if bases[name].memory is None
+            and (parent_record or {}).get("matrices", {}).get(name, {}).get("memory_directions")]
+    if lost:
+        log.warning("the task memory of %d matrices of %s could not be loaded: %s", len(lost), parent_version, lost)
     seeded = bool((parent_record or {}).get("general_chat_memory"))
     if config.task_memory and config.general_chat_memory and chat_batches and not seeded:
         _grow_memories(model, targets, bases, {name: b.memory for name, b in bases.items()}, chat_batches, config)
         seeded = True
-    started = time.monotonic()
-    importance = layer_importance(model, importance_batches) if config.adaptive_ranks else {}
-    timings["importance_s"] = time.monotonic() - started
-    shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
-    plans = plan_matrices(shapes, importance, parent_record, config)
     constraint = SubspaceConstraint(model, targets, plans, bases, config, parent_tasks, timings, hit)
-    constraint.general_chat_memory = seeded and config.task_memory
+    constraint.general_chat_memory = seeded  # the memory holds everyday chat (kept even when this job opts out)
+    constraint.memory_lost = lost
     return constraint
 
 
 def _parent_bases(
     targets: dict[str, torch.nn.Linear],
+    names: list[str],
     parent_version: str,
     parent_record: dict | None,
     registry: SubspaceRegistry | None,
 ) -> tuple[dict[str, Bases], dict[str, float], bool]:
-    """Bases of the matrices that can still train: from the registry, else by SVD (then stored)."""
-    spent = {name for name, m in (parent_record or {}).get("matrices", {}).items() if m.get("spent")}
-    names = [name for name in targets if name not in spent]
+    """Bases of the matrices `names` (those that train): from the registry, else by SVD (then stored,
+    with the parent's task memory, which no SVD can recompute)."""
     started = time.monotonic()
     bases = registry.load_bases(parent_version, names) if registry else None
     if bases is not None:
@@ -94,6 +106,8 @@ def _parent_bases(
     bases = {name: compute_bases(targets[name].weight) for name in names}
     timings = {"svd_s": time.monotonic() - started}
     if registry:
+        for name, memory in registry.load_memory(parent_version, names).items():
+            bases[name].memory = memory
         uri = registry.store_bases(parent_version, bases)
         record = parent_record or _root_record(parent_version, targets)
         registry.put({**record, "bases_uri": uri})
@@ -102,7 +116,7 @@ def _parent_bases(
 
 def _root_record(version: str, targets: dict[str, torch.nn.Linear]) -> dict:
     """A version nobody trained here (the base model): nothing protected yet, no tasks."""
-    matrices = {name: {"m": min(module.weight.shape), "k": 0, "importance": None,
+    matrices = {name: {"m": min(module.weight.shape), "shape": list(module.weight.shape), "k": 0, "importance": None,
                        "protected_ratio": 0.0, "spent": False} for name, module in targets.items()}
     return {"version": version, "parent_version": None, "tasks": [], "matrices": matrices}
 
@@ -121,27 +135,34 @@ def record_version(
     After "osft" each matrix keeps the rank it protected as the floor for later jobs; after "full"
     nothing was protected, so the floors restart at zero (the task count still grows protection).
     With `memory_batches` (the task's training data) and task memory on, the parent's memory grows
-    by this task's input directions; after "full" the memory restarts from this task.
+    by this task's input directions; otherwise (e.g. a job with `task_memory: false`) it passes on
+    unchanged; after "full" the memory restarts from this task.
     """
     targets = constraint.targets
     if isinstance(constraint, SubspaceConstraint):
-        matrices = {name: {"m": p.m, "k": p.k, "importance": p.importance,
-                           "protected_ratio": round(p.protected_ratio, 4), "spent": p.spent}
+        matrices = {name: {"m": p.m, "shape": list(targets[name].weight.shape), "k": p.k,
+                           "importance": p.importance, "protected_ratio": round(p.protected_ratio, 4),
+                           "spent": p.spent}
                     for name, p in constraint.plans.items()}
     else:
         matrices = _root_record(version, targets)["matrices"]
     started = time.monotonic()
     bases = {name: compute_bases(targets[name].weight) for name in targets if not matrices[name]["spent"]}
     svd_s = time.monotonic() - started
+    parent_memory = getattr(constraint, "memory", {})
     if memory_batches and constraint.config.task_memory:
-        _grow_memories(model, targets, bases, getattr(constraint, "memory", {}), memory_batches, constraint.config)
-        for name, b in bases.items():  # stored whole; the next job protects its strongest (Side.from_svd)
+        _grow_memories(model, targets, bases, parent_memory, memory_batches, constraint.config)
+    else:
+        for name, b in bases.items():
+            b.memory = parent_memory.get(name)
+    for name, b in bases.items():  # stored whole; the next job protects its strongest (Side.from_svd)
+        if b.memory is not None:
             matrices[name]["memory_directions"] = b.memory.shape[1]
     uri = registry.store_bases(version, bases)
     record = {"version": version, "parent_version": parent_version,
               "tasks": [*constraint.parent_tasks, task_id], "bases_uri": uri,
               "matrices": matrices, "svd_s": round(svd_s, 3),
-              "general_chat_memory": bool(getattr(constraint, "general_chat_memory", False) and memory_batches)}
+              "general_chat_memory": bool(getattr(constraint, "general_chat_memory", False))}
     registry.put(record)
     return record
 

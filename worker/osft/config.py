@@ -22,6 +22,11 @@ class OSFTConfig:
     adaptive_ranks: bool = True
     # The trainable remainder (1 - ratio) is multiplied by this once per task the parent absorbed.
     remainder_decay: float = 0.85
+    # Capacity policy. With the task memory on, k grows with tasks (and inherits the parent's k) only up
+    # to max(this, the task's own ratio) of m: the memory protects earlier tasks' inputs, so every matrix
+    # keeps >= 1 - this of its rank trainable for any number of tasks. 1.0 restores unbounded growth, which
+    # spends every matrix after 6-20 tasks (bench/bench_capacity.py). Without the memory growth is unbounded.
+    max_grown_ratio: float = 0.9
     # A matrix whose trainable remainder m - k is below max(1, this fraction of m) is spent: frozen.
     min_trainable_ratio: float = 0.02
     # Task memory (worker/osft/memory.py): also keep updates off the input directions of earlier tasks.
@@ -39,6 +44,8 @@ class OSFTConfig:
             raise ValueError("protected ratios need min <= mean <= max")
         if not 0 < self.remainder_decay <= 1:
             raise ValueError("remainder_decay must be in (0, 1]")
+        if not 0 < self.max_grown_ratio <= 1:
+            raise ValueError("max_grown_ratio must be in (0, 1]")
         if not (0 <= self.memory_energy <= 1 and 0 <= self.memory_share <= 1):
             raise ValueError("memory_energy and memory_share must be in [0, 1]")
         re.compile(self.target_pattern)

@@ -1,7 +1,8 @@
 """The SVD-constrained update (method "osft"): plan the protected ranks, then hold every step to them.
 
-`plan_matrices` decides, per target matrix, the protected rank k; `SubspaceConstraint` freezes
-everything else and makes the optimizer that projects every applied update (optimizer.py).
+`plan_matrices` decides, per target matrix, the protected rank k; `require_capacity` refuses a plan
+with nothing left to train; `SubspaceConstraint` freezes everything else and makes the optimizer that
+projects every applied update (optimizer.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,30 @@ def plan_matrices(
     return plans
 
 
+class CapacityExhausted(RuntimeError):
+    """No target matrix has room left to learn in: the job fails with code `capacity_exhausted`."""
+
+    code = "capacity_exhausted"
+
+    def __init__(self, spent: list[str], config: OSFTConfig, tasks_absorbed: int):
+        self.spent = spent
+        shown = ", ".join(spent[:3]) + (f" and {len(spent) - 3} more" if len(spent) > 3 else "")
+        remedies = ["lower the protected ratios (mean_protected_ratio, max_protected_ratio)",
+                    "or have an admin activate an earlier version to branch from (POST /models/{version}/activate)"]
+        if not config.task_memory:
+            remedies.insert(0, f"resubmit with task_memory on (without it k grows with every task, "
+                               f"{tasks_absorbed} so far; with it k stops at max_grown_ratio="
+                               f"{config.max_grown_ratio} of each matrix)")
+        super().__init__(f"no room left to learn: all {len(spent)} target matrices are spent ({shown}); "
+                         + ", ".join(remedies))
+
+
+def require_capacity(plans: dict[str, MatrixPlan], config: OSFTConfig, tasks_absorbed: int) -> None:
+    """Raise CapacityExhausted when every target matrix is spent (the optimizer would get no parameter)."""
+    if plans and all(plan.spent for plan in plans.values()):
+        raise CapacityExhausted(list(plans), config, tasks_absorbed)
+
+
 class SubspaceConstraint:
     """UpdateConstraint for method "osft" (see worker.training.loop)."""
 
@@ -73,6 +98,7 @@ class SubspaceConstraint:
         self.projectors: dict[str, Projector] = {}
         self.memory: dict[str, torch.Tensor | None] = {}  # the parent's task memory, grown after training
         self.general_chat_memory = False  # the memory holds everyday chat's directions (build_constraint)
+        self.memory_lost: list[str] = []  # matrices whose parent memory was in the record but not loadable
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self._trainable: list[torch.nn.Parameter] = []
@@ -81,10 +107,10 @@ class SubspaceConstraint:
             if plan.spent:
                 continue
             if plan.k > 0:
-                memory = bases[name].memory if config.task_memory else None
+                self.memory[name] = bases[name].memory  # kept for the next job even when this one opts out
+                memory = self.memory[name] if config.task_memory else None
                 self.projectors[name] = Projector(module.weight, bases[name], plan.k, memory, config.memory_share)
                 plan.memory_rank = self.projectors[name].memory_rank
-                self.memory[name] = memory
             module.weight.requires_grad_(True)
             self._trainable.append(module.weight)
         self._trainable += unfreeze_extras(model, config)
@@ -102,7 +128,8 @@ class SubspaceConstraint:
             **{key: round(value, 3) for key, value in self.timings.items()},
             "adaptive_ranks": self.config.adaptive_ranks,
             "task_memory": self.config.task_memory,
-            "general_chat_memory": self.general_chat_memory,
+            "general_chat_memory": self.general_chat_memory and self.config.task_memory,
+            "memory_lost": self.memory_lost,
             "tasks_absorbed": len(self.parent_tasks),
             **capacity_report(self.plans),
         }

@@ -16,6 +16,7 @@ import torch
 
 from worker.osft.config import OSFTConfig
 from worker.osft.subspace import layer_index
+from worker.training.device import to_device
 
 _DECODER_LAYER = re.compile(r"layers\.(\d+)$")
 
@@ -37,11 +38,13 @@ def layer_importance(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
         return record
 
     handles = [module.register_forward_hook(hook(index)) for index, module in layers.items()]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = to_device(batch, device)
                 mask = batch["attention_mask"].bool()
                 count += int(mask.sum())
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

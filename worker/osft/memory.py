@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from worker.training.device import to_device
+
 # Directions whose energy is below this share of the memory's total are numerical dust.
 NEGLIGIBLE_ENERGY = 1e-6
 
@@ -37,7 +39,8 @@ def input_covariances(
     model: torch.nn.Module, targets: dict[str, torch.nn.Linear], batches: list[dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """Σ xxᵀ over the batches' non-padding tokens, at the input of every target matrix (fp32, in × in)."""
-    covariances = {name: torch.zeros(m.in_features, m.in_features) for name, m in targets.items()}
+    covariances = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                   for name, m in targets.items()}
     mask: torch.Tensor | None = None
 
     def hook(name: str):
@@ -47,10 +50,12 @@ def input_covariances(
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
+            batch = to_device(batch, device)
             mask = batch["attention_mask"].bool()
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:

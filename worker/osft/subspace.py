@@ -1,7 +1,8 @@
 """Target matrices, their singular value decompositions, and the protected rank of each.
 
 `Bases` is the reduced SVD of one weight (fp32): everything a later job needs to protect
-any rank k of it. `allocate_rank` turns a protected ratio into k, applying the growth rule.
+any rank k of it. `allocate_rank` turns a protected ratio into k, applying the growth rule;
+`trainable_rank` is the room that k and the task memory leave.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Bases:
     S: torch.Tensor   # m
     Vh: torch.Tensor  # m × in
     memory: torch.Tensor | None = None  # in × r: inputs of the tasks learned so far (worker/osft/memory.py)
+
+    def to(self, device: torch.device) -> Bases:
+        return Bases(*(None if t is None else t.to(device) for t in (self.U, self.S, self.Vh, self.memory)))
 
 
 def target_modules(model: torch.nn.Module, config: OSFTConfig) -> dict[str, torch.nn.Linear]:
@@ -75,10 +79,21 @@ def _svd_threads(m: int):
 
 
 def allocate_rank(m: int, ratio: float, tasks_absorbed: int, floor: int, config: OSFTConfig) -> int:
-    """Protected rank: the ratio's trainable remainder shrinks per absorbed task, never below `floor`."""
+    """Protected rank: the ratio's trainable remainder shrinks per absorbed task, never below `floor`;
+    with the task memory, never above max(ratio, max_grown_ratio) of m (OSFTConfig.max_grown_ratio)."""
     remainder = (1.0 - ratio) * config.remainder_decay ** tasks_absorbed
-    k = round((1.0 - remainder) * m)
-    return min(m, max(k, floor))
+    k = min(m, max(round((1.0 - remainder) * m), floor))
+    if config.task_memory:
+        k = min(k, round(max(ratio, config.max_grown_ratio) * m))
+    return k
+
+
+def trainable_rank(shape: tuple[int, int], k: int, memory_rank: int, memory_share: float = 1.0) -> int:
+    """The rank an update of an out × in matrix may still have: the top k are protected on both sides,
+    and on the input side up to `memory_share` of what k leaves goes to `memory_rank` memory directions."""
+    out_features, in_features = shape
+    memory = min(memory_rank, int(memory_share * (in_features - k)))
+    return max(0, min(out_features - k, in_features - k - memory))
 
 
 def is_spent(m: int, k: int, config: OSFTConfig) -> bool:

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from worker.osft.config import OSFTConfig
-from worker.osft.constraint import MatrixPlan, plan_matrices
+from worker.osft.constraint import MatrixPlan, plan_matrices, require_capacity
 from worker.osft.importance import layer_importance
 from worker.osft.sharded import (
     ShardedProjector,
@@ -163,6 +163,7 @@ def train_sharded(
     targets = target_modules(model, config)
     if method == "osft":
         plans = plan_on_rank0(model, targets, batches[:importance_steps], parent_record, config)
+        require_capacity(plans, config, len((parent_record or {}).get("tasks", [])))  # same plans on every rank
     else:
         plans = {name: MatrixPlan(m=min(module.weight.shape), k=0, protected_ratio=0.0, importance=None,
                                   spent=False) for name, module in targets.items()}

@@ -14,6 +14,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from worker.training.device import autocast, to_device
+
 
 ADAM_BETAS = (0.9, 0.95)
 
@@ -97,7 +99,7 @@ def train(
     optimizer = constraint.make_optimizer(learning_rate, weight_decay)
     total = len(batches)
     warmup = max(1, total // 20)
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
     started = last_report = time.monotonic()
@@ -109,17 +111,21 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_autocast):
-            loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; try a lower learning_rate")
+        tokens += int(batch["attention_mask"].sum())
+        if batch["attention_mask"].all():  # no padding: without a mask transformers need not read it back
+            batch = {key: value for key, value in batch.items() if key != "attention_mask"}
+        with autocast(device, bf16_autocast):
+            loss = model(**to_device(batch, device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()  # the constrained optimizer projects each applied update
         optimizer.zero_grad(set_to_none=True)
 
+        # The step's one read from the device. A non-finite loss has spoilt this step's weights: the job
+        # fails (or auto.py's probe puts the parent's weights back).
         losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteLoss(f"loss became {losses[-1]} at step {step + 1}; try a lower learning_rate")
         now = time.monotonic()
         if on_progress and (now - last_report >= progress_every_s or step + 1 == total):
             last_report = now

@@ -13,9 +13,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from pydantic import BaseModel
 
-from sculptor import checkpoints
+from sculptor import lineage
 from sculptor.context import Context
-from sculptor.records import TERMINAL, HeadMoved, JobRecord, ModelVersion
+from sculptor.records import TERMINAL, JobRecord
 from sculptor.webhooks import announce
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
@@ -96,22 +96,7 @@ def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_
 
 def promote_rejected(ctx: Context, job: JobRecord) -> JobRecord:
     """Make a rejected job's candidate current, recorded as forced (ApiError 409 when it cannot be)."""
-    job_id = job.job_id
-    if job.status != "rejected" or not job.candidate_version:
-        raise ApiError(409, "not_rejected", f"job {job_id} is {job.status}; only a rejected candidate can be forced")
-    if ctx.versions.current() != job.parent_version:
-        raise ApiError(409, "lineage_moved", f"the serving lineage moved on from {job.parent_version} to "
-                       f"{ctx.versions.current()}; resubmit the task to train on the current version")
-    if not checkpoints.is_committed(ctx.store, job.candidate_version):
-        raise ApiError(409, "checkpoint_missing", f"candidate {job.candidate_version} has no committed checkpoint")
-    gates = job.gates or {}
-    try:  # a compare-and-set on the head: the check above may be stale by now
-        ctx.versions.promote(ModelVersion(
-            version=job.candidate_version, parent=job.parent_version, task_id=job.task_id, job_id=job_id,
-            checkpoint_uri=ctx.store.uri(checkpoints.prefix(job.candidate_version)), forced=True,
-            gate_summary={"passed": False, "forced": True, "summary": gates.get("summary"),
-                          "failed": gates.get("failed")},
-        ))
-    except HeadMoved as moved:
-        raise ApiError(409, "lineage_moved", f"{moved}; resubmit the task to train on {moved.head}") from None
-    return ctx.jobs.update(job_id, reopen=True, status="promoted", gates={**gates, "forced": True})
+    try:
+        return lineage.force_promote(ctx.versions, ctx.jobs, ctx.store, job)
+    except lineage.CannotPromote as err:
+        raise ApiError(409, err.code, str(err)) from None

@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends
 
+from sculptor import lineage
 from sculptor.context import Context
 from sculptor.records import HeadMoved
 from service.api.deps import get_ctx, get_serving
@@ -36,7 +37,7 @@ async def activate(version: str, ctx: Context = Depends(get_ctx), serving: Servi
         raise ApiError(409, "swap_failed", f"{record.error}; still serving {serving.version}")
     try:  # a compare-and-set: a promotion that landed during the swap is not silently overwritten
         # other gateways follow through the promotion channel
-        await asyncio.to_thread(ctx.versions.activate, version, expected_head=head)
+        await asyncio.to_thread(lineage.activate, ctx.versions, version, head)
     except HeadMoved as moved:
         raise ApiError(409, "lineage_moved", f"{moved} while this gateway swapped to it; the gateway follows "
                        f"{moved.head} again within seconds: see GET /models, then activate {version} again "
