@@ -8,7 +8,9 @@ also across a hot-swap under load.
 import json
 import math
 import os
+import re
 import threading
+import time
 
 import httpx
 import openai
@@ -37,7 +39,7 @@ def gateway(tmp_path_factory, redis_url, tiny_model_dir):
     var = tmp_path_factory.mktemp("compat")
     # Compact JSON: a random model otherwise fills its budget with the blanks JSON allows between tokens.
     settings = tiny_settings(var, redis_url, tiny_model_dir, engine="vllm", engine_dtype="bfloat16",
-                             engine_enforce_eager=True, engine_max_model_len=512, engine_max_num_seqs=8,
+                             engine_enforce_eager=True, engine_max_model_len=2048, engine_max_num_seqs=8,
                              engine_kv_cache_gib=1, engine_json_without_whitespace=True)
     with running_gateway(settings) as (url, ctx):
         yield url, ctx
@@ -139,6 +141,25 @@ def test_sculptor_bounds_apply_to_what_vllm_serves(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="current", messages=HELLO, max_tokens=10**6)
     assert err.value.code == "max_tokens_too_large"
+
+
+def test_a_stream_whose_client_leaves_ends_the_engine_request(gateway):
+    """2,000 tokens that ignore EOS take the tiny model many seconds; the client leaves after one chunk."""
+    url, _ = gateway
+
+    def running() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        return float(re.search(r'^sculptor_engine_running_requests\{replica="0"\} (\S+)$', text, re.M).group(1))
+
+    body = {"messages": HELLO, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as streaming:
+        lines = streaming.iter_lines()
+        assert '"model_version":"v0"' in next(line for line in lines if line.startswith("data: {"))
+        assert running() == 1
+    deadline = time.monotonic() + 5
+    while running() != 0:
+        assert time.monotonic() < deadline, "the engine still generates after its client left"
+        time.sleep(0.05)
 
 
 def test_tokenize_and_detokenize_round_trip(gateway):
