@@ -39,7 +39,7 @@ def gateway(tmp_path_factory, redis_url, tiny_model_dir):
     var = tmp_path_factory.mktemp("compat")
     # Compact JSON: a random model otherwise fills its budget with the blanks JSON allows between tokens.
     settings = tiny_settings(var, redis_url, tiny_model_dir, engine="vllm", engine_dtype="bfloat16",
-                             engine_enforce_eager=True, engine_max_model_len=2048, engine_max_num_seqs=8,
+                             engine_enforce_eager=True, engine_max_model_len=1024, engine_max_num_seqs=8,
                              engine_kv_cache_gib=1, engine_json_without_whitespace=True)
     with running_gateway(settings) as (url, ctx):
         yield url, ctx
@@ -144,19 +144,20 @@ def test_sculptor_bounds_apply_to_what_vllm_serves(client):
 
 
 def test_a_stream_whose_client_leaves_ends_the_engine_request(gateway):
-    """2,000 tokens that ignore EOS take the tiny model many seconds; the client leaves after one chunk."""
+    """16 choices of 1,000 tokens that ignore EOS keep the tiny model busy for about 5 s here (8 at a time);
+    the client leaves after the first chunk, and the engine must be idle well before they could finish."""
     url, _ = gateway
 
     def running() -> float:
         text = httpx.get(f"{url}/metrics").text
         return float(re.search(r'^sculptor_engine_running_requests\{replica="0"\} (\S+)$', text, re.M).group(1))
 
-    body = {"messages": HELLO, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    body = {"messages": HELLO, "max_tokens": 1000, "n": 16, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as streaming:
         lines = streaming.iter_lines()
         assert '"model_version":"v0"' in next(line for line in lines if line.startswith("data: {"))
-        assert running() == 1
-    deadline = time.monotonic() + 5
+        assert running() == 16  # vLLM runs each choice as its own request
+    deadline = time.monotonic() + 1.5
     while running() != 0:
         assert time.monotonic() < deadline, "the engine still generates after its client left"
         time.sleep(0.05)
