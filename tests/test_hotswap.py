@@ -65,19 +65,59 @@ async def greedy(model: ServingModel) -> list[str]:
     return outs
 
 
-def test_swap_matches_fresh_engine_and_rollback(ctx):
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module: the engine below lives on it, test after test."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def fresh(ctx, loop) -> dict[str, list[str]]:
+    """Greedy output of a fresh engine on each version: what a swapped engine must reproduce."""
+    async def outputs(version: str) -> list[str]:
+        engine = serving(ctx)
+        await engine.start(version)
+        try:
+            return await greedy(engine)
+        finally:
+            await engine.engine.shutdown()
+
+    out = {v: loop.run_until_complete(outputs(v)) for v in ("v0", "v1")}
+    assert out["v0"] != out["v1"]  # two different random models: a swap must show
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(ctx, loop):
+    model = serving(ctx)
+    loop.run_until_complete(model.start("v0"))
+    yield model
+    loop.run_until_complete(model.engine.shutdown())
+
+
+@pytest.fixture
+def model(engine, loop) -> ServingModel:
+    """The module's engine serving v0 in pause mode "keep", whatever the test before left."""
+    engine.engine.pause_mode = "keep"
+    assert loop.run_until_complete(engine.swap_to("v0")).ok
+    return engine
+
+
+def test_greedy_output_after_a_swap_equals_a_fresh_engines(model, fresh, loop):
+    assert loop.run_until_complete(model.swap_to("v1")).ok and model.version == "v1"
+    assert loop.run_until_complete(greedy(model)) == fresh["v1"]
+
+
+def test_after_a_rollback_the_old_versions_output_comes_back(model, fresh, loop):
+    assert loop.run_until_complete(model.swap_to("v1")).ok
+    assert loop.run_until_complete(model.swap_to("v0")).ok
+    assert loop.run_until_complete(greedy(model)) == fresh["v0"]
+
+
+def test_requests_in_flight_across_a_swap_all_complete(model, loop):
     async def scenario():
-        fresh = serving(ctx)
-        await fresh.start("v1")
-        fresh_v1 = await greedy(fresh)
-        await fresh.engine.shutdown()
-
-        model = serving(ctx)
-        await model.start("v0")
-        fresh_v0 = await greedy(model)
-        assert fresh_v0 != fresh_v1  # two different random models: a swap must show
-
-        # Requests in flight across the swap all complete.
         started = await start_requests(model, [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)],
                                        [SamplingOptions(max_tokens=48, temperature=0.8, seed=i) for i in range(9)])
         assert sum(first.finish_reason is None for _, first in started) >= 5  # most are mid-generation
@@ -86,29 +126,32 @@ def test_swap_matches_fresh_engine_and_rollback(ctx):
         assert record.ok and model.version == "v1"
         assert all(last.finish_reason in ("stop", "length") for _, last in results)
 
-        assert await greedy(model) == fresh_v1
-        assert (await model.swap_to("v0")).ok
-        assert await greedy(model) == fresh_v0
+    loop.run_until_complete(scenario())
 
-        corrupt = await model.swap_to("v-corrupt")
-        assert not corrupt.ok and "checksum" in corrupt.error and model.version == "v0"
-        wrong = await model.swap_to("v-wrong-shape")
-        assert not wrong.ok and "architecture" in wrong.error and model.version == "v0"
 
-        # A reload that fails inside the engine (fault injected once): the old weights go back in.
-        real_reload = model.engine.reload
+@pytest.mark.parametrize("version, error", [("v-corrupt", "checksum"), ("v-wrong-shape", "architecture")])
+def test_a_checkpoint_that_fails_verification_is_refused_and_v0_keeps_serving(model, fresh, loop, version, error):
+    record = loop.run_until_complete(model.swap_to(version))
+    assert not record.ok and error in record.error and model.version == "v0"
+    assert loop.run_until_complete(greedy(model)) == fresh["v0"]
 
-        async def failing_once(model_dir):
-            model.engine.reload = real_reload
-            await real_reload(model_dir)  # half-done: new weights are in when the failure hits
-            raise RuntimeError("injected reload failure")
 
-        model.engine.reload = failing_once
-        broken = await model.swap_to("v1")
-        assert not broken.ok and "injected" in broken.error and model.version == "v0"
-        assert await greedy(model) == fresh_v0  # the old weights were put back before resuming
+def test_a_reload_that_fails_in_the_engine_puts_the_old_weights_back(model, fresh, loop):
+    real_reload = model.engine.reload
 
-        # Pause mode "wait": requests in flight finish on the old version before the reload.
+    async def failing_once(model_dir):
+        model.engine.reload = real_reload
+        await real_reload(model_dir)  # half-done: new weights are in when the failure hits
+        raise RuntimeError("injected reload failure")
+
+    model.engine.reload = failing_once
+    broken = loop.run_until_complete(model.swap_to("v1"))
+    assert not broken.ok and "injected" in broken.error and model.version == "v0"
+    assert loop.run_until_complete(greedy(model)) == fresh["v0"]  # put back before resuming
+
+
+def test_pause_mode_wait_lets_requests_in_flight_finish_on_the_old_version(model, loop):
+    async def scenario():
         long = SamplingOptions(max_tokens=48, temperature=0.0)
         expected = [(await collect(await open_stream(model, p, None, long)))[0] for p in PROMPTS]
         model.engine.pause_mode = "wait"
@@ -118,11 +161,14 @@ def test_swap_matches_fresh_engine_and_rollback(ctx):
         assert (await model.swap_to("v1")).ok
         assert [text for text, _ in await asyncio.gather(*in_flight)] == expected
 
-        # A client that went away: closing its stream aborts the request in the engine then and there.
+    loop.run_until_complete(scenario())
+
+
+def test_closing_a_stream_aborts_its_request_in_the_engine(model, loop):
+    async def scenario():
         gone = await open_stream(model, "hello world", None, SamplingOptions(max_tokens=400, temperature=0.0))
         assert not (await anext(gone.chunks)).finish_reason and model.engine.running_requests() == 1
         await gone.chunks.aclose()
         assert model.engine.running_requests() == 0 and model.pool.replicas[0].in_flight == 0
-        await model.engine.shutdown()
 
-    asyncio.run(scenario())
+    loop.run_until_complete(scenario())
