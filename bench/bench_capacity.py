@@ -4,7 +4,7 @@ For SmolLM2-135M's target matrices (shapes from var/base-models/SmolLM2-135M-Ins
 present) it plans job after job as the worker does (worker/osft/constraint.py: `plan_matrices`, the
 parent's k as the floor; `require_capacity` for a job that finds no room) and counts, per matrix, the
 trainable directions: the rank an update may still have once the top k and the task memory's share are
-protected (worker/osft/subspace.py: `trainable_rank`). The memory is taken as saturated from the second
+protected (sculptor/capacity.py: `trainable_rank`). The memory is taken as saturated from the second
 job on, i.e. it always fills its budget (memory_share of what k leaves on the input side): the worst
 case, and what SmolLM2 shows, where one task's memory already holds 240-790 directions per matrix.
 
@@ -31,9 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, TARGETS, write_result  # noqa: E402
 
-from worker.osft.config import OSFTConfig  # noqa: E402
+from sculptor.capacity import OSFTConfig, trainable_rank  # noqa: E402
 from worker.osft.constraint import CapacityExhausted, plan_matrices, require_capacity  # noqa: E402
-from worker.osft.subspace import trainable_rank  # noqa: E402
 
 CONFIG = ROOT / "var" / "base-models" / "SmolLM2-135M-Instruct" / "config.json"
 POLICIES = {

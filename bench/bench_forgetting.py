@@ -89,10 +89,11 @@ def job_row(job, wall: float, task_name: str) -> dict:
 def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     """The last version against v0 on everyday prompts, IFEval, refusal and perplexity."""
     from sculptor import checkpoints
+    from sculptor.accuracy import load_scores
     from worker import gates, gating
     from worker.gates.decide import general_chat_gates
 
-    base, last = gating.load_scores(ctx, "v0"), gating.load_scores(ctx, final)
+    base, last = load_scores(ctx, "v0"), load_scores(ctx, final)
     model_dir = checkpoints.fetch(ctx.store, final, ctx.settings.checkpoint_cache_dir)
     generator = gates.HFGenerator.from_pretrained(model_dir)
     last = gates.evaluate(generator, {}, gating.suites(ctx), reuse=last, chat_reference=base.general_chat)
@@ -114,9 +115,9 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
 
 
 def run_row(name: str, seed: int, model_dir: Path) -> dict:
-    from worker import gating
-    from worker.gates.scores import normalized
     from sculptor import lineage
+    from sculptor.accuracy import accuracy_matrix
+    from sculptor.scores import normalized
     from worker.pipeline import run_job
 
     uploads = stream(seed)
@@ -135,7 +136,7 @@ def run_row(name: str, seed: int, model_dir: Path) -> dict:
             jobs.append(job_row(job, time.monotonic() - job_started, upload["name"]))
             print(f"[bench-forgetting] {name}: {jobs[-1]}", file=sys.stderr, flush=True)
         final = jobs[-1]["version"]
-        matrix = gating.accuracy_matrix(ctx, final)
+        matrix = accuracy_matrix(ctx, final)
         R = [[round(100 * matrix["R"][v].get(t, 0.0), 1) for t in matrix["tasks"]] for v in matrix["versions"]]
         result = {"row": name, "hyperparameters": ROWS[name], "tasks": [u["name"] for u in uploads],
                   "R": R, **summaries(R), "jobs": jobs, "vs_base": against_base(ctx, final, task_answers)}

@@ -78,8 +78,8 @@ def everyday_answers(model_dir: Path) -> dict[str, str]:
 def run_variant(ctx, name: str, hp: dict) -> dict:
     from sculptor import checkpoints
     from sculptor.datasets import Example, parse_hyperparameters
+    from sculptor.accuracy import load_scores
     from service.api.routes.tasks import TaskSubmission, store_and_enqueue
-    from worker import gating
     from worker.pipeline import run_job
 
     ctx.versions.activate("v0")
@@ -92,7 +92,7 @@ def run_variant(ctx, name: str, hp: dict) -> dict:
     job = run_job(ctx, job.job_id)
     wall = time.monotonic() - started
     report = job.gates or {}
-    parent, cand = gating.load_scores(ctx, "v0"), gating.load_scores(ctx, job.candidate_version)
+    parent, cand = load_scores(ctx, "v0"), load_scores(ctx, job.candidate_version)
     f1 = [token_f1(c, p) for c, p in zip(cand.general_chat.answers, parent.general_chat.answers)]
     model_dir = checkpoints.fetch(ctx.store, job.candidate_version, ctx.settings.checkpoint_cache_dir)
     nll, collapse = gate(report, "general_chat", "parent_answers_nll"), gate(report, "general_chat", "answer_collapse")

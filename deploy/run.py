@@ -6,7 +6,7 @@ its engine (uvicorn on SCULPTOR_HOST:SCULPTOR_PORT). Ctrl-C (or SIGTERM) stops a
 
 Serving outlives training: a worker that dies (the OOM killer during a big job, a crash in a native
 kernel) is restarted with a doubling backoff, and so is the embedded Redis (on its own data, same
-port). The job the dead worker held is re-queued by the usual recovery (worker/recovery.py). A child
+port). The job the dead worker held is re-queued by the usual recovery (sculptor/recovery.py). A child
 that keeps dying is given up on after `restart_max` restarts within `restart_window_s`, and the
 gateway keeps serving. Only the gateway's own exit ends the stack.
 """

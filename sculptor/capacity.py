@@ -1,12 +1,19 @@
-"""Configuration of the SVD-constrained method: which matrices, how much of each to protect."""
+"""The SVD-constrained method's capacity: its configuration (which matrices, how much of each to protect)
+and the rank rule (the protected rank k of a matrix, and the room k and the task memory leave).
+
+Pure (no torch): the worker plans its jobs with it (worker/osft/), and the subspace registry's summary
+(sculptor/subspace_records.py), which the gateway serves, reports the capacity left with it.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 # Attention and MLP projections of Llama-like models; embeddings, norms and lm_head stay frozen.
 DEFAULT_TARGETS = r"\.(q|k|v|o|gate|up|down)_proj$"
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -64,3 +71,32 @@ class OSFTConfig:
         return cls(mean_protected_ratio=mean, min_protected_ratio=low, max_protected_ratio=high,
                    adaptive_ranks=adaptive, task_memory=memory, memory_energy=energy,
                    general_chat_memory=cls.general_chat_memory if chat is None else chat)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a matrix belongs to (`model.layers.3.mlp.up_proj` -> 3)."""
+    match = _LAYER_INDEX.search(name + ".")
+    return int(match.group(1)) if match else None
+
+
+def allocate_rank(m: int, ratio: float, tasks_absorbed: int, floor: int, config: OSFTConfig) -> int:
+    """Protected rank: the ratio's trainable remainder shrinks per absorbed task, never below `floor`;
+    with the task memory, never above max(ratio, max_grown_ratio) of m (OSFTConfig.max_grown_ratio)."""
+    remainder = (1.0 - ratio) * config.remainder_decay ** tasks_absorbed
+    k = min(m, max(round((1.0 - remainder) * m), floor))
+    if config.task_memory:
+        k = min(k, round(max(ratio, config.max_grown_ratio) * m))
+    return k
+
+
+def trainable_rank(shape: tuple[int, int], k: int, memory_rank: int, memory_share: float = 1.0) -> int:
+    """The rank an update of an out × in matrix may still have: the top k are protected on both sides,
+    and on the input side up to `memory_share` of what k leaves goes to `memory_rank` memory directions."""
+    out_features, in_features = shape
+    memory = min(memory_rank, int(memory_share * (in_features - k)))
+    return max(0, min(out_features - k, in_features - k - memory))
+
+
+def is_spent(m: int, k: int, config: OSFTConfig) -> bool:
+    """No room left to learn in: the trainable remainder is below the configured minimum."""
+    return m - k < max(1, math.ceil(config.min_trainable_ratio * m))

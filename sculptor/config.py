@@ -120,12 +120,16 @@ class Settings(BaseSettings):
     # bf16 autocast in training: None = only where the hardware has fast bf16 (CUDA, AVX-512 BF16/AMX CPUs);
     # on an AVX2-only CPU a bf16 linear is several times slower than fp32.
     train_bf16: bool | None = None
+    # The learning-rate schedule of every job (worker/training/loop.py: LRSchedule): linear warmup over
+    # this share of the steps, then cosine decay to this share of the peak rate.
+    train_warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    train_min_lr_ratio: float = Field(0.1, ge=0, le=1)
     # The one device a job trains and gates on (worker/training/device.py): auto (CUDA when present), cpu,
     # cuda or cuda:N.
     train_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     # Regression gates: suite files (empty: the shipped suites), items used per suite (None: all),
-    # and default thresholds (field names of worker.gates.GateThresholds; per-task overrides too).
+    # and default thresholds (field names of sculptor.gate_report.GateThresholds; per-task overrides too).
     gate_harmful_suite: str = ""
     gate_benign_suite: str = ""
     gate_ifeval_suite: str = ""

@@ -1,4 +1,4 @@
-"""Task datasets: the upload format, its validation, and the per-task hyperparameters.
+"""Task datasets: the upload format, its validation, the per-task hyperparameters, and reading one back.
 
 An example is either `{"messages": [...]}` (OpenAI fine-tuning format) or
 `{"prompt": str, "completion": str}`; both normalise to a list of chat messages.
@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sculptor.gate_report import GateThresholds
+from sculptor.storage import ObjectStore
 from sculptor.text import check_text
 
 Role = Literal["system", "user", "assistant"]
@@ -79,7 +81,7 @@ class Hyperparameters(BaseModel):
     max_seq_len: int | None = Field(None, ge=16, le=8192)
     max_steps: int | None = Field(None, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's limit
-    # SVD-constrained method (osft): protected ratios, see worker/osft/config.py.
+    # SVD-constrained method (osft): protected ratios, see sculptor/capacity.py.
     mean_protected_ratio: float | None = Field(None, ge=0, le=0.999)
     min_protected_ratio: float | None = Field(None, ge=0, le=0.999)
     max_protected_ratio: float | None = Field(None, ge=0, le=0.999)
@@ -92,7 +94,7 @@ class Hyperparameters(BaseModel):
     # Seed the task memory with the input directions of everyday chat (the parent's answers to the replay
     # pool), protected like an earlier task from the first job on; None: OSFTConfig's default (off).
     general_chat_memory: bool | None = None
-    # Gate thresholds for this task (worker/gates/decide.py), stricter ones only and from admin keys only
+    # Gate thresholds for this task (sculptor/gate_report.py), stricter ones only and from admin keys only
     # (service/api/routes/tasks.py); None: the settings' defaults.
     gate_thresholds: dict[str, float | bool] | None = None
 
@@ -187,8 +189,6 @@ def parse_hyperparameters(obj: object) -> Hyperparameters:
     try:
         hp = Hyperparameters.model_validate(obj or {})
         if hp.gate_thresholds:
-            from worker.gates.decide import GateThresholds
-
             GateThresholds().check_overrides(hp.gate_thresholds)  # bad names and values fail here, not in the job
         return hp
     except ValidationError as err:
@@ -203,3 +203,9 @@ def to_jsonl(examples: list[Example]) -> bytes:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def load_examples(store: ObjectStore, uri: str) -> list[Example]:
+    """A stored dataset (JSONL, as `to_jsonl` wrote it at upload) read back from the object store."""
+    raw = store.get_bytes(store.key_of(uri))
+    return [Example.model_validate(json.loads(line)) for line in raw.decode().splitlines() if line.strip()]

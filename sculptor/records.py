@@ -13,6 +13,7 @@ jobs that ended more than the retention ago, with their events and index entries
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -22,6 +23,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from sculptor.datasets import Hyperparameters, Metric
+from sculptor.progress import Progress
 from sculptor.stored_secret import STORE_CONTEXT, StoredSecret
 
 # superseded: the candidate passed its gates, but the serving head had moved off its parent meanwhile.
@@ -58,16 +60,6 @@ class TaskRecord(BaseModel):
     webhook_secret: StoredSecret = None  # signs its webhooks; shown once by POST /tasks, masked everywhere else
     owner: str = ANONYMOUS  # the API key's name
     created_at: float = Field(default_factory=now)
-
-
-class Progress(BaseModel):
-    step: int = 0
-    total_steps: int = 0
-    epoch: float = 0.0
-    loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
 
 
 class JobRecord(BaseModel):
@@ -269,7 +261,7 @@ class JobStore(_JsonStore):
             self._emit(job_id, {"type": "status", "status": job.status, "at": job.timestamps[job.status],
                                 "error": job.error})
         if "progress" in changes:
-            self._emit(job_id, {"type": "progress", **job.progress.model_dump(), "at": now()})
+            self._emit(job_id, {"type": "progress", **dataclasses.asdict(job.progress), "at": now()})
         return job
 
     def _reindex(self, pipe, old: JobRecord, job: JobRecord) -> None:

@@ -12,8 +12,8 @@ import logging
 
 from sculptor.context import Context
 from sculptor.records import JobEnded
+from sculptor.train_queue import enqueue
 from sculptor.webhooks import announce
-from worker.celery_app import enqueue
 
 log = logging.getLogger("sculptor.recovery")
 

@@ -1,7 +1,8 @@
 """What one model version scored: per-item outcomes, so deltas between versions can be bootstrapped.
 
 The worker stores a version's `VersionScores` (JSON) once; later jobs reuse it as the parent's
-scores and only evaluate what is missing (a new task's eval set, a changed suite).
+scores and only evaluate what is missing (a new task's eval set, a changed suite). The models are pure
+(pydantic, numpy): the gates (worker/gates/) fill them, the accuracy matrix (sculptor/accuracy.py) reads them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The evaluation split of a task: uploaded eval examples, or a seeded held-out fraction.
 
 The split must be stable across jobs (every later job re-scores this task on the same items),
-so it is a pure function of the examples and the seed; the worker should store it with the task.
+so it is a pure function of the examples and the seed. The gateway splits an upload once and stores both
+parts with the task (service/api/routes/tasks.py); every job reads them from there.
 """
 
 from __future__ import annotations

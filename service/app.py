@@ -17,6 +17,7 @@ from sculptor import logs
 from sculptor.config import Settings, get_settings
 from sculptor.context import Context
 from sculptor.records import ensure_indexes
+from sculptor.recovery import recover_orphans
 from service import metrics
 from service.api import errors
 from service.api.exposure import MESSAGE, LoopbackOnly, is_loopback_host
@@ -26,7 +27,6 @@ from service.api.routes import dashboard, generate, health, jobs, models, openai
 from service.engines.base import Engine
 from service.hotswap import ServingModel
 from service.promotions import PromotionListener
-from worker.recovery import recover_orphans
 
 log = logging.getLogger("sculptor.gateway")
 
@@ -67,7 +67,7 @@ def _tensor_parallel_size(settings: Settings) -> int:
 
 
 async def recover_jobs(ctx: Context) -> None:
-    """Periodically re-queue or fail jobs whose worker died (see worker/recovery.py), and delete jobs that
+    """Periodically re-queue or fail jobs whose worker died (see sculptor/recovery.py), and delete jobs that
     ended more than SCULPTOR_JOB_RETENTION_DAYS ago."""
     while True:
         await asyncio.sleep(ctx.settings.recovery_interval_s)

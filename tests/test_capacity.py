@@ -5,12 +5,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sculptor.capacity import trainable_rank
 from sculptor.datasets import Hyperparameters
 from sculptor.storage import ObjectStore
 from tests.test_pipeline import ctx  # noqa: F401  (the in-process job fixture)
 from worker.osft import CapacityExhausted, OSFTConfig, SubspaceRegistry, build_constraint, record_version
 from worker.osft.constraint import SubspaceConstraint, plan_matrices, require_capacity
-from worker.osft.subspace import compute_bases, trainable_rank
+from worker.osft.subspace import compute_bases
 from worker.training.data import make_batches, tokenize_chat
 from worker.training.loop import train
 

@@ -10,11 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from waiting import wait_for
 import torch
 
 from sculptor.redis_server import free_port
@@ -31,15 +31,7 @@ def task_examples(n: int = 48) -> list[dict]:
 
 
 def wait_until(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the service exited with code {proc.returncode} while waiting for {what}")
-        result = predicate()
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    return wait_for(predicate, timeout_s, what, poll_s=1, proc=proc)
 
 
 @pytest.fixture(scope="module")

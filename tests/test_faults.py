@@ -9,17 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from waiting import wait_for
 
 from sculptor import redis_server
 from sculptor.bootstrap import ensure_initial_version
 from sculptor.config import Settings
 from sculptor.context import Context
-from sculptor.datasets import Example, parse_hyperparameters
-from service.api.routes.tasks import TaskSubmission, store_and_enqueue
-from worker.recovery import recover_orphans
+from sculptor.recovery import recover_orphans
+from tests.test_pipeline import examples
+from tests.test_pipeline import submit as submit_task
 
 pytestmark = pytest.mark.e2e
 
@@ -41,20 +41,7 @@ def start_worker(settings: Settings, log_path) -> subprocess.Popen:
 
 
 def submit(ctx: Context, name: str, epochs: int = 5):
-    exs = [Example.model_validate({"prompt": f"{name} {i}", "completion": "hello world"}) for i in range(40)]
-    hp = parse_hyperparameters({"epochs": epochs, "learning_rate": 1e-2, "batch_size": 8, "max_seq_len": 48})
-    return store_and_enqueue(ctx, TaskSubmission(name=name, examples=exs, eval_examples=None, metric="exact_match",
-                                                 hyperparameters=hp, webhook_url=None, size_bytes=1))[1]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return submit_task(ctx, name, examples(name, "hello world"), epochs=epochs)[1]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from gateway_helpers import running_gateway, tiny_settings
 
 from sculptor.config import ApiKey
-from worker.gates.decide import STRICTER, GateThresholds
+from sculptor.gate_report import STRICTER, GateThresholds
 
 KEYS = [ApiKey(name="app", key="app-secret", scopes=["tasks"]),
         ApiKey(name="ops", key="ops-secret", scopes=["admin"])]

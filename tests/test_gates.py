@@ -5,7 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from sculptor.accuracy import average_accuracy, backward_transfer
 from sculptor.datasets import Example
+from sculptor.scores import ChatAnswers
+from sculptor.splits import split_eval
 from worker.gates import (
     GateThresholds,
     ItemScores,
@@ -14,17 +17,13 @@ from worker.gates import (
     TaskScores,
     TextLosses,
     VersionScores,
-    average_accuracy,
-    backward_transfer,
     decide,
     evaluate,
     load_suites,
     normalise,
     score,
-    split_eval,
 )
 from worker.gates.bootstrap import detectable_change, mean_delta_ci, perplexity_ratio_ci
-from worker.gates.scores import ChatAnswers
 from worker.gates.ifeval import IFEvalItem, known_instructions, score_response
 from worker.gates.suites import SuiteSizes
 

@@ -10,12 +10,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from sculptor import checkpoints
+from sculptor.accuracy import load_scores
 from sculptor.bootstrap import ensure_initial_version
 from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.datasets import Example, parse_hyperparameters
 from service.api.routes.tasks import TaskSubmission, store_and_enqueue
-from worker import gating, pipeline
+from worker import pipeline
 
 SMALL_GATES = dict(gate_harmful_items=4, gate_benign_items=4, gate_ifeval_items=4, gate_general_text_items=4)
 
@@ -52,7 +53,7 @@ def test_job_trains_gates_and_promotes(ctx):
     statuses = [e["status"] for e in ctx.jobs.events(job.job_id) if e["type"] == "status"]
     assert statuses == ["validating", "queued", "running", "evaluating", "promoted"]
     assert checkpoints.is_committed(ctx.store, "v1")
-    assert gating.load_scores(ctx, "v0").tasks[task.task_id].mean == 0.0  # the parent scored on the new task
+    assert load_scores(ctx, "v0").tasks[task.task_id].mean == 0.0  # the parent scored on the new task
 
 
 def test_non_finite_loss_fails_the_job_and_keeps_serving(ctx, tmp_path):

@@ -15,8 +15,8 @@ from sculptor import redis_server
 from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.records import PREFIX, JobRecord, JobStore, Progress, TaskStore, ensure_indexes, now
+from sculptor.recovery import recover_orphans
 from service import metrics
-from worker.recovery import recover_orphans
 
 DAY_S = 86400
 

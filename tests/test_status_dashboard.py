@@ -16,14 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from waiting import wait_for
 from gateway_helpers import running_gateway, tiny_settings
 
 from sculptor import checkpoints, cli
+from sculptor.accuracy import save_scores
 from sculptor.context import Context
 from sculptor.locks import held_lock
 from sculptor.records import JobRecord, ModelVersion, Progress, TaskRecord
 from worker import gates
-from worker.gating import save_scores
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_INSTALL = "apt-get install -y chromium"
@@ -255,10 +256,7 @@ def run_chromium(tmp_path: Path, *args: str) -> str:
 
 
 def wait_serving(http: httpx.Client, version: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while http.get("/models").json()["serving"] != version:
-        assert time.monotonic() < deadline, f"the gateway did not swap to {version}"
-        time.sleep(0.2)
+    wait_for(lambda: http.get("/models").json()["serving"] == version, timeout_s, f"the gateway to swap to {version}")
 
 
 def test_dashboard_renders_in_chromium(tmp_path, url, http, history):

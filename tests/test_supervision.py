@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import waiting
 
 from sculptor.redis_server import free_port
 
@@ -27,16 +28,7 @@ BACKOFF_S = 6  # the first restart comes this long after the kill: the window in
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}")
+    return waiting.wait_for(predicate, timeout_s, what, poll_s, tolerate=(httpx.HTTPError,))
 
 
 def launcher_env(tmp_path: Path, model_dir: Path, port: int) -> dict:

@@ -1,66 +1,32 @@
 """The gate step of a job: score the candidate, compare it with its parent, keep the scores.
 
-Every version's scores are stored once (Redis key `sculptor:scores:{version}`), so a job scores
-only its candidate, plus the parent on the new task's eval set (the parent has never seen it).
-The accuracy matrix R[version][task] is the task part of those scores; promotion adds the
-lineage's AA and BWT to the report.
+Every version's scores are stored once (sculptor/accuracy.py: Redis key `sculptor:scores:{version}`),
+so a job scores only its candidate, plus the parent on the new task's eval set (the parent has never
+seen it). The accuracy matrix R[version][task] is the task part of those scores; promotion adds the
+lineage's AA and BWT to the report (sculptor/accuracy.py, which the gateway's GET /accuracy reads too).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from sculptor.accuracy import lineage_tasks, load_scores, save_scores
 from sculptor.context import Context
-from sculptor.datasets import Example
+from sculptor.datasets import Example, load_examples
 from sculptor.records import TaskRecord
+from sculptor.scores import normalized
 from worker import gates
 from worker.gates.evaluate import TaskEval
-from worker.gates.scores import normalized
 from worker.training.device import resolve_train_device
-
-SCORES_KEY = "sculptor:scores:{}"
-
-
-def load_scores(ctx: Context, version: str) -> gates.VersionScores | None:
-    raw = ctx.redis.get(SCORES_KEY.format(version))
-    return gates.VersionScores.model_validate_json(raw) if raw else None
-
-
-def save_scores(ctx: Context, version: str, scores: gates.VersionScores) -> None:
-    ctx.redis.set(SCORES_KEY.format(version), scores.model_dump_json())
-
-
-def lineage(ctx: Context, version: str | None) -> list[str]:
-    """Versions from v0 to `version`, following parents."""
-    chain = []
-    while version:
-        chain.append(version)
-        record = ctx.versions.get(version)
-        version = record.parent if record else None
-    return chain[::-1]
-
-
-def lineage_tasks(ctx: Context, version: str) -> list[tuple[str, str]]:
-    """(version, task_id) for every version in the lineage that learned a task, oldest first."""
-    out = []
-    for v in lineage(ctx, version):
-        record = ctx.versions.get(v)
-        if record and record.task_id:
-            out.append((v, record.task_id))
-    return out
 
 
 def eval_examples(ctx: Context, task: TaskRecord) -> list[Example]:
-    from worker.pipeline import load_examples
-
-    return load_examples(ctx, task.eval_uri) if task.eval_uri else []
+    return load_examples(ctx.store, task.eval_uri) if task.eval_uri else []
 
 
 def task_answers(ctx: Context, task: TaskRecord) -> set[str]:
     """The task's own answers (every assistant turn of its training examples), normalized."""
-    from worker.pipeline import load_examples
-
-    return {normalized(m.content) for e in load_examples(ctx, task.dataset_uri) for m in e.messages
+    return {normalized(m.content) for e in load_examples(ctx.store, task.dataset_uri) for m in e.messages
             if m.role == "assistant"}
 
 
@@ -112,22 +78,3 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
     report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier,
                           new_task_answers)
     return parent_scores, candidate_scores, report
-
-
-def accuracy_matrix(ctx: Context, version: str) -> dict:
-    """R[version][task] over the lineage of `version`, with AA and BWT."""
-    learned = lineage_tasks(ctx, version)
-    rows = {}
-    for v in lineage(ctx, version):
-        scores = load_scores(ctx, v)
-        if scores:
-            rows[v] = {t: s.mean for t, s in scores.tasks.items()}
-    versions = [v for v, _ in learned]
-    tasks = [t for _, t in learned]
-    complete = bool(learned) and all(v in rows for v in versions) and all(
-        t in rows[versions[-1]] and t in rows[v] for v, t in learned)
-    return {
-        "R": rows, "versions": versions, "tasks": tasks,
-        "AA": gates.average_accuracy(rows, versions, tasks) if complete else None,
-        "BWT": gates.backward_transfer(rows, versions, tasks) if complete else None,
-    }

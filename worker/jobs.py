@@ -19,12 +19,12 @@ from sculptor import logs
 from sculptor.config import get_settings
 from sculptor.context import Context
 from sculptor.records import JobRecord, ensure_indexes
+from sculptor.recovery import job_lock_held, recover_orphans
 from sculptor.webhooks import announce
 from sculptor.worker_heartbeat import start_heartbeat
 from sculptor.locks import LockBusy, LockLost, held_lock
 from worker import pipeline
 from worker.celery_app import TRAIN_TASK, app
-from worker.recovery import job_lock_held, recover_orphans
 
 log = logging.getLogger("sculptor.worker")
 

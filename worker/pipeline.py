@@ -7,7 +7,6 @@ nothing is promoted unless every step before it finished and the head is still t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from sculptor import checkpoints, lineage
+from sculptor import accuracy, checkpoints, lineage
 from sculptor.context import Context
-from sculptor.datasets import Example
+from sculptor.datasets import load_examples
 from sculptor.records import HeadMoved, JobEnded, JobRecord, Progress, TaskRecord
 from worker import gating, osft
 from worker.training import data as training_data
 from worker.training import auto, replay
 from worker.training.device import load_model, resolve_train_device, use_bf16
-from worker.training.loop import NonFiniteLoss, TrainingCancelled, train
+from worker.training.loop import LRSchedule, NonFiniteLoss, TrainingCancelled, train
 
 log = logging.getLogger("sculptor.worker")
 MEMORY_BATCHES = 32  # batches of the task's data that measure its input directions (one epoch, capped)
@@ -95,7 +94,7 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
         check_lock()
         lineage.promote_candidate(ctx.versions, ctx.store, job, candidate.version,
                                   {"passed": report["passed"], "summary": report["summary"], "failed": report["failed"]})
-        report["lineage"] = gating.accuracy_matrix(ctx, candidate.version)
+        report["lineage"] = accuracy.accuracy_matrix(ctx, candidate.version)
         return ctx.jobs.update(job_id, status="promoted", gates=report)
     except TrainingCancelled as err:
         return ctx.jobs.update(job_id, status="cancelled", error=str(err))
@@ -119,7 +118,7 @@ class TrainingData:
 
 def training_data_for(ctx: Context, task: TaskRecord, model, tokenizer, split_validation: bool) -> TrainingData:
     hp, settings = task.hyperparameters, ctx.settings
-    examples = load_examples(ctx, task.dataset_uri)
+    examples = load_examples(ctx.store, task.dataset_uri)
     share = settings.default_general_replay if hp.general_replay is None else hp.general_replay
     replayed = replay.replay_examples(model, tokenizer, share, len(examples), hp.seed)
     max_len = hp.max_seq_len or settings.default_max_seq_len
@@ -196,7 +195,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
         learning_rate=learning_rate,
         steps_per_epoch=steps_per_epoch,
         bf16_autocast=bf16,
-        on_progress=lambda p: ctx.jobs.update(job.job_id, progress=Progress(**p.__dict__)),
+        schedule=LRSchedule(settings.train_warmup_fraction, settings.train_min_lr_ratio),
+        on_progress=lambda p: ctx.jobs.update(job.job_id, progress=p),
         should_stop=lambda: (deadline.check("while training") or check_lock()
                              or ctx.jobs.get(job.job_id).cancel_requested),
     )
@@ -217,9 +217,3 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
 
 def _is_auto(value, auto_by_default: bool) -> bool:
     return value == "auto" or (value is None and auto_by_default)
-
-
-def load_examples(ctx: Context, uri: str) -> list[Example]:
-    raw = ctx.store.get_bytes(ctx.store.key_of(uri))
-    return [Example.model_validate(json.loads(line)) for line in raw.decode().splitlines() if line.strip()]
-

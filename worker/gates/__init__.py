@@ -2,26 +2,26 @@
 
 The flow a training job follows (see decide.py for the gates and how the CIs are used):
 
-    train, evals = split_eval(examples, eval_examples)              # once per task, stored with it
+    train, evals = split_eval(examples, eval_examples)              # sculptor/splits.py: at upload, stored with the task
     suites = load_suites(sizes=GATE_SIZES)                          # shipped or user suites
     parent = evaluate(HFGenerator(parent_model, tok), {new_id: (metric, evals)}, None, reuse=stored_parent)
     candidate = evaluate(HFGenerator(candidate_model, tok), all_tasks, suites)
     report = decide(candidate, parent_full, new_id, GateThresholds(), per_task_overrides)
 
-Modules: splits (eval split), metrics (task metrics), refusal (refusal judge), ifeval (lm-eval's
-checkers, offline), suites (the shipped JSONL suites), generation (Generator protocol, HF engine),
-scores (per-item scores of a version), evaluate, bootstrap (paired CIs), decide (the five gates),
-matrix (AA / BWT over the accuracy matrix).
+Modules: metrics (task metrics), refusal (refusal judge), ifeval (lm-eval's checkers, offline), suites
+(the shipped JSONL suites), generation (Generator protocol, HF engine), evaluate, bootstrap (paired CIs),
+decide (the gates). The pure models they fill live in sculptor/, which the gateway reads too:
+sculptor/scores.py (per-item scores of a version), sculptor/gate_report.py (thresholds, the report),
+sculptor/splits.py (the eval split), sculptor/accuracy.py (AA / BWT over the accuracy matrix).
 """
 
-from worker.gates.decide import GateReport, GateResult, GateThresholds, decide
+from sculptor.gate_report import GateReport, GateResult, GateThresholds
+from sculptor.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
+from worker.gates.decide import decide
 from worker.gates.evaluate import EvalConfig, evaluate, example_ids
 from worker.gates.generation import GenerationStats, Generator, HFGenerator, TextLosses
-from worker.gates.matrix import average_accuracy, backward_transfer
 from worker.gates.metrics import normalise, score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
-from worker.gates.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
-from worker.gates.splits import split_eval
 from worker.gates.suites import GATE_SIZES, Suites, SuiteSizes, load_suites
 
 __all__ = [
@@ -43,13 +43,10 @@ __all__ = [
     "TaskScores",
     "TextLosses",
     "VersionScores",
-    "average_accuracy",
-    "backward_transfer",
     "decide",
     "evaluate",
     "example_ids",
     "load_suites",
     "normalise",
     "score",
-    "split_eval",
 ]

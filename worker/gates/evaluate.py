@@ -29,11 +29,11 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel
 
 from sculptor.datasets import Example, Metric
+from sculptor.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
 from worker.gates.generation import Generator
 from worker.gates.ifeval import score_response
 from worker.gates.metrics import score
 from worker.gates.refusal import PatternRefusalJudge, RefusalJudge
-from worker.gates.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
 from worker.gates.suites import Suites
 
 TaskEval = tuple[Metric, Sequence[Example]]

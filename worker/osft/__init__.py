@@ -18,9 +18,11 @@ version's record and bases, so the next job loads them. Call it only for a versi
 kept (promoted); a rejected candidate needs no record. `constraint.report()` is JSON-able:
 method, registry_hit, svd_s / load_s, protected_fraction, spent_matrices and per-matrix m / k.
 
-Modules: config (OSFTConfig), subspace (targets, SVD, rank rule), importance (layer scores),
-projector (the per-matrix projection), memory (task memory: earlier tasks' input directions),
-constraint (SubspaceConstraint), full (FullFineTuning), registry (SubspaceRegistry).
+Modules: subspace (targets, SVD), importance (layer scores), projector (the per-matrix projection),
+memory (task memory: earlier tasks' input directions), constraint (SubspaceConstraint), full
+(FullFineTuning), registry (SubspaceRegistry: the records and their bases). OSFTConfig and the rank rule
+are sculptor/capacity.py's, and the registry's records are read through sculptor/subspace_records.py, which
+the gateway serves as GET /registry.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 
 import torch
 
-from worker.osft.config import OSFTConfig
+from sculptor.capacity import OSFTConfig
 from worker.osft.constraint import CapacityExhausted, SubspaceConstraint, plan_matrices, require_capacity
 from worker.osft.full import FullFineTuning
 from worker.osft.importance import layer_importance

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from worker.osft.config import OSFTConfig
+from sculptor.capacity import OSFTConfig, allocate_rank, is_spent
 from worker.osft.importance import matrix_importance, protected_ratios
 from worker.osft.optimizer import ProjectedAdamW
 from worker.osft.projector import Projector
-from worker.osft.subspace import Bases, allocate_rank, is_spent, unfreeze_extras
+from worker.osft.subspace import Bases, unfreeze_extras
 from worker.training.loop import ADAM_BETAS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.osft.config import OSFTConfig
+from sculptor.capacity import OSFTConfig
 from worker.osft.subspace import target_modules, unfreeze_extras
 from worker.training.loop import adamw
 

@@ -14,8 +14,7 @@ import re
 
 import torch
 
-from worker.osft.config import OSFTConfig
-from worker.osft.subspace import layer_index
+from sculptor.capacity import OSFTConfig, layer_index
 from worker.training.device import to_device
 
 _DECODER_LAYER = re.compile(r"layers\.(\d+)$")

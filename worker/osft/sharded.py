@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from worker.osft.config import OSFTConfig
+from sculptor.capacity import OSFTConfig
 from worker.osft.constraint import MatrixPlan, capacity_report, projected_adamw
 from worker.osft.projector import Side
 from worker.osft.subspace import Bases, unfreeze_extras

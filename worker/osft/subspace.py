@@ -1,22 +1,20 @@
-"""Target matrices, their singular value decompositions, and the protected rank of each.
+"""Target matrices and their singular value decompositions.
 
 `Bases` is the reduced SVD of one weight (fp32): everything a later job needs to protect
-any rank k of it. `allocate_rank` turns a protected ratio into k, applying the growth rule;
-`trainable_rank` is the room that k and the task memory leave.
+any rank k of it. The rank rule itself (`allocate_rank` turns a protected ratio into k, applying the
+growth rule; `trainable_rank` is the room that k and the task memory leave) is sculptor/capacity.py's.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from worker.osft.config import OSFTConfig
+from sculptor.capacity import OSFTConfig
 
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 SINGLE_THREAD_SVD_MAX_DIM = 1024
 
 
@@ -52,12 +50,6 @@ def unfreeze_extras(model: torch.nn.Module, config: OSFTConfig) -> list[torch.nn
     return extras
 
 
-def layer_index(name: str) -> int | None:
-    """The decoder layer a matrix belongs to (`model.layers.3.mlp.up_proj` -> 3)."""
-    match = _LAYER_INDEX.search(name + ".")
-    return int(match.group(1)) if match else None
-
-
 def compute_bases(weight: torch.Tensor) -> Bases:
     """Reduced SVD in fp32 (looked up through torch.linalg at call time so tests can count calls)."""
     with _svd_threads(min(weight.shape)):
@@ -76,26 +68,3 @@ def _svd_threads(m: int):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def allocate_rank(m: int, ratio: float, tasks_absorbed: int, floor: int, config: OSFTConfig) -> int:
-    """Protected rank: the ratio's trainable remainder shrinks per absorbed task, never below `floor`;
-    with the task memory, never above max(ratio, max_grown_ratio) of m (OSFTConfig.max_grown_ratio)."""
-    remainder = (1.0 - ratio) * config.remainder_decay ** tasks_absorbed
-    k = min(m, max(round((1.0 - remainder) * m), floor))
-    if config.task_memory:
-        k = min(k, round(max(ratio, config.max_grown_ratio) * m))
-    return k
-
-
-def trainable_rank(shape: tuple[int, int], k: int, memory_rank: int, memory_share: float = 1.0) -> int:
-    """The rank an update of an out × in matrix may still have: the top k are protected on both sides,
-    and on the input side up to `memory_share` of what k leaves goes to `memory_rank` memory directions."""
-    out_features, in_features = shape
-    memory = min(memory_rank, int(memory_share * (in_features - k)))
-    return max(0, min(out_features - k, in_features - k - memory))
-
-
-def is_spent(m: int, k: int, config: OSFTConfig) -> bool:
-    """No room left to learn in: the trainable remainder is below the configured minimum."""
-    return m - k < max(1, math.ceil(config.min_trainable_ratio * m))

@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from worker.osft.config import OSFTConfig
+from sculptor.capacity import OSFTConfig
 from worker.osft.constraint import MatrixPlan, plan_matrices, require_capacity
 from worker.osft.importance import layer_importance
 from worker.osft.sharded import (

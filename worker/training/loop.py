@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from sculptor.progress import Progress
 from worker.training.device import autocast, to_device
 
 
@@ -57,17 +58,6 @@ class TrainingCancelled(RuntimeError):
 
 
 @dataclass
-class Progress:
-    step: int
-    total_steps: int
-    epoch: float
-    loss: float
-    learning_rate: float
-    tokens_per_s: float
-    eta_s: float
-
-
-@dataclass
 class TrainResult:
     steps: int
     final_loss: float
@@ -75,11 +65,24 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup over `warmup_fraction` of the steps, then cosine decay to `min_lr_ratio` of the peak
+    (SCULPTOR_TRAIN_WARMUP_FRACTION, SCULPTOR_TRAIN_MIN_LR_RATIO)."""
+
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+
+    def warmup_steps(self, total: int) -> int:
+        return max(1, int(total * self.warmup_fraction))
+
+    def lr(self, step: int, total: int, peak: float) -> float:
+        warmup = self.warmup_steps(total)
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        floor = self.min_lr_ratio
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(
@@ -94,11 +97,11 @@ def train(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress_every_s: float = 2.0,
+    schedule: LRSchedule = LRSchedule(),
 ) -> TrainResult:
     params = constraint.trainable_parameters()
     optimizer = constraint.make_optimizer(learning_rate, weight_decay)
     total = len(batches)
-    warmup = max(1, total // 20)
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
@@ -107,7 +110,7 @@ def train(
     for step, batch in enumerate(batches):
         if should_stop and should_stop():
             raise TrainingCancelled(f"cancelled at step {step} of {total}")
-        lr = cosine_lr(step, total, learning_rate, warmup)
+        lr = schedule.lr(step, total, learning_rate)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

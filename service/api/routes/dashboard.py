@@ -13,11 +13,11 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, RedirectResponse
 
+from sculptor.accuracy import accuracy_matrix
 from sculptor.context import Context
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.security import require
-from worker.gating import accuracy_matrix
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 STATIC_FILES = {"dashboard.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}

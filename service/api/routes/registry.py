@@ -9,15 +9,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from sculptor.context import Context
+from sculptor.subspace_records import SubspaceRecords
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.security import require
-from worker.osft.registry import SubspaceRegistry
 
 router = APIRouter(tags=["registry"], dependencies=[require("tasks")])
 
 
-def detail(registry: SubspaceRegistry, version: str) -> dict | None:
+def detail(registry: SubspaceRecords, version: str) -> dict | None:
     """The registry's summary of `version` plus its per-matrix record {m, k, importance, spent}."""
     summary = registry.summary(version)
     return summary and {**summary, "matrices": registry.get(version)["matrices"]}
@@ -25,7 +25,7 @@ def detail(registry: SubspaceRegistry, version: str) -> dict | None:
 
 @router.get("/registry")
 def registry_overview(ctx: Context = Depends(get_ctx)):
-    registry = SubspaceRegistry(ctx.redis, ctx.store)
+    registry = SubspaceRecords(ctx.redis)
     current = ctx.versions.current()
     versions = [summary for v in registry.list_versions() if (summary := detail(registry, v))]
     return {"current": current, "versions": versions}
@@ -33,7 +33,7 @@ def registry_overview(ctx: Context = Depends(get_ctx)):
 
 @router.get("/registry/{version}")
 def registry_version(version: str, ctx: Context = Depends(get_ctx)):
-    summary = detail(SubspaceRegistry(ctx.redis, ctx.store), version)
+    summary = detail(SubspaceRecords(ctx.redis), version)
     if summary is None:
         raise ApiError(404, "version_not_in_registry",
                        f"the registry has no subspaces for {version!r} (versions get them when a job trains them)")

@@ -17,14 +17,14 @@ from sculptor import datasets, webhooks
 from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.datasets import DatasetError, Example, Hyperparameters, Metric
+from sculptor.gate_report import GateThresholds
 from sculptor.records import ANONYMOUS, JobRecord, TaskRecord, new_id
+from sculptor.splits import split_eval
+from sculptor.train_queue import enqueue
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.uploads import file_field, json_field, load_json, read_body, read_form, text_field
 from service.api.security import Caller, require
-from worker.celery_app import enqueue
-from worker.gates.decide import GateThresholds
-from worker.gates.splits import split_eval
 
 router = APIRouter(tags=["tasks"])
 
