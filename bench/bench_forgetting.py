@@ -90,13 +90,13 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     """The last version against v0 on everyday prompts, IFEval, refusal and perplexity."""
     from sculptor import checkpoints
     from sculptor.accuracy import load_scores
-    from worker import gates, gating
+    from worker import gate_step, gates
     from worker.gates.decide import general_chat_gates
 
     base, last = load_scores(ctx, "v0"), load_scores(ctx, final)
     model_dir = checkpoints.fetch(ctx.store, final, ctx.settings.checkpoint_cache_dir)
     generator = gates.HFGenerator.from_pretrained(model_dir)
-    last = gates.evaluate(generator, {}, gating.suites(ctx), reuse=last, chat_reference=base.general_chat)
+    last = gates.evaluate(generator, {}, gate_step.suites(ctx), reuse=last, chat_reference=base.general_chat)
     nll, collapse = general_chat_gates(last, base, gates.GateThresholds(**ctx.settings.gate_thresholds))
     pairs = list(zip(last.general_chat.answers, base.general_chat.answers))
     collapsed = [c for c, b in pairs if " ".join(c.lower().split()) in task_answers

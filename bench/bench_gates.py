@@ -1,6 +1,6 @@
 """Benchmark the regression gate on SmolLM2-135M: the whole gate for a stream of 4 tasks.
 
-A stream of four jobs, gated exactly as the worker does it (`worker.gating.score_and_decide`:
+A stream of four jobs, gated exactly as the worker does it (`worker.gate_step.score_and_decide`:
 load the parent and the candidate from disk, complete the parent's stored scores, score the
 candidate on every task of its lineage plus the suites, decide):
 
@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sculptor.datasets import Example
 from sculptor.default_model import ensure_base_model
-from worker import gates, gating
+from worker import gate_step, gates
 from worker.training.data import make_batches, tokenize_chat
 from worker.training.loop import AllParameters, train
 
@@ -144,7 +144,7 @@ def run_stream(args, model_dir: Path, work_dir: Path) -> tuple[list[dict], dict]
         train_s = time.monotonic() - started
         task_evals = {t: (streams[t][0], streams[t][2]) for t in lineage + [task_id]}
         load_before, started, cpu, previous = load_avg(), time.monotonic(), time.process_time(), stored.get(parent)
-        parent_scores, candidate_scores, report = gating.score_and_decide(
+        parent_scores, candidate_scores, report = gate_step.score_and_decide(
             task_evals, suites, task_id, parent_dir, candidate_dir, previous, thresholds)
         gate_s, cpu_s = time.monotonic() - started, time.process_time() - cpu
         stored[parent], stored[candidate] = parent_scores, candidate_scores

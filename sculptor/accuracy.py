@@ -1,7 +1,7 @@
 """Each version's stored scores, the lineage, and the accuracy matrix R[version][task] with AA and BWT.
 
 Every version's scores are stored once (Redis key `sculptor:scores:{version}`) by the job that gated it
-(worker/gating.py); the gateway's GET /accuracy and a promoted job's report read them here. The
+(worker/gate_step.py); the gateway's GET /accuracy and a promoted job's report read them here. The
 matrix is the task part of those scores over the lineage; `versions[i]` is the version that learned
 `tasks[i]`, and the last version is the current one.
 """

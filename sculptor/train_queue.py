@@ -1,7 +1,7 @@
 """The training queue: the Celery app (built on first use), the task's name, and `enqueue`.
 
 Both sides use it: the gateway and recovery queue jobs by task name, and worker/celery_app.py takes
-the same app and registers the task (worker/jobs.py) on it. Nothing here imports the training code.
+the same app and registers the task (worker/consumer.py) on it. Nothing here imports the training code.
 The module is not called `queue`, so a script run from this folder never shadows the standard library's.
 """
 
@@ -13,7 +13,7 @@ from celery import Celery
 
 from sculptor.config import get_settings
 
-TRAIN_TASK = "sculptor.train"  # implemented in worker/jobs.py
+TRAIN_TASK = "sculptor.train"  # implemented in worker/consumer.py
 
 _app: Celery | None = None
 _app_lock = threading.Lock()

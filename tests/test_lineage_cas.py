@@ -97,13 +97,13 @@ def test_a_rollback_during_a_job_supersedes_the_job(tmp_path, redis_url, tiny_le
         rollback, rolled_back = {}, threading.Event()
         # The rollback must land while the job runs, however slow the machine: the job's gate step waits
         # for it (the real gates then run as usual).
-        real_gate = pipeline.gating.evaluate_candidate
+        real_gate = pipeline.gate_step.evaluate_candidate
 
         def gate_after_the_rollback(*args, **kwargs):
             assert rolled_back.wait(300), "the rollback never finished"
             return real_gate(*args, **kwargs)
 
-        monkeypatch.setattr(pipeline.gating, "evaluate_candidate", gate_after_the_rollback)
+        monkeypatch.setattr(pipeline.gate_step, "evaluate_candidate", gate_after_the_rollback)
 
         def roll_back_once_running():
             deadline = time.monotonic() + 120

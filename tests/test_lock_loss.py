@@ -13,7 +13,7 @@ from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.locks import LockLost, held_lock
 from tests.test_pipeline import SMALL_GATES, ctx, examples, submit  # noqa: F401  (ctx: the fixture)
-from worker.jobs import run_delivery
+from worker.consumer import run_delivery
 
 TTL_S = 1  # renewed every TTL/3
 

@@ -14,4 +14,4 @@ from sculptor.train_queue import TRAIN_TASK, celery_app
 __all__ = ["TRAIN_TASK", "app"]
 
 app = celery_app()
-app.conf.include = ["worker.jobs"]
+app.conf.include = ["worker.consumer"]

@@ -18,7 +18,7 @@ from sculptor import accuracy, checkpoints, lineage
 from sculptor.context import Context
 from sculptor.datasets import load_examples
 from sculptor.records import HeadMoved, JobEnded, JobRecord, Progress, TaskRecord
-from worker import gating, osft
+from worker import gate_step, osft
 from worker.training import data as training_data
 from worker.training import auto, replay
 from worker.training.device import load_model, resolve_train_device, use_bf16
@@ -84,7 +84,7 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
         deadline.check("before its gates")
         ctx.jobs.update(job_id, status="evaluating", candidate_version=candidate.version,
                         training=candidate.training)
-        report = gating.evaluate_candidate(ctx, task, parent, candidate.version, candidate.model_dir,
+        report = gate_step.evaluate_candidate(ctx, task, parent, candidate.version, candidate.model_dir,
                                            candidate.parent_dir)
         if not report["passed"]:
             return ctx.jobs.update(job_id, status="rejected", gates=report, error=report["summary"])
