@@ -46,6 +46,9 @@ ROWS = {  # name: hyperparameters on top of the service's defaults (auto learnin
     "full": {"method": "full", "general_replay": 0.0},  # plain fine-tuning, its own rate chosen by the probe
     "full-replay": {"method": "full"},
     "old-defaults": {"general_replay": 0.0, "learning_rate": 3e-4, "epochs": 2},
+    # Rehearsal of earlier tasks' examples, on and off at equal steps (fixed rate, epochs and max_steps).
+    "rehearsal-off": {"learning_rate": 1e-3, "epochs": 4, "max_steps": 64},
+    "rehearsal-on": {"learning_rate": 1e-3, "epochs": 4, "max_steps": 64, "task_replay": 0.5},
 }
 GOALS = {"BWT": -2.0, "of_plain": 0.9, "ifeval_points": 3.0}
 COLLAPSE_WORDS, LONG_WORDS = 3, 8
@@ -75,14 +78,15 @@ def submit(ctx, upload: dict, hp: dict):
 
 
 def job_row(job, wall: float, task_name: str) -> dict:
-    t = job.training or {}
+    t = job.training.model_dump(mode="json") if job.training else {}
+    gates = job.gates.model_dump(mode="json") if job.gates else {}
     auto = t.get("auto") or {}
     return {"task": task_name, "version": job.candidate_version, "status": job.status,
-            "forced": bool((job.gates or {}).get("forced")), "failed_gates": (job.gates or {}).get("failed"),
-            "summary": (job.gates or {}).get("summary"), "learning_rate": t.get("learning_rate"),
+            "forced": bool(gates.get("forced")), "failed_gates": gates.get("failed"),
+            "summary": gates.get("summary"), "learning_rate": t.get("learning_rate"),
             "epochs": t.get("epochs"), "steps": t.get("steps"), "replayed_examples": t.get("replayed_examples"),
             "probe": auto.get("probe_validation_loss"), "final_loss": t.get("final_loss"),
-            "mean_step_s": t.get("mean_step_s"), "gate_s": sum((job.gates or {}).get("seconds", {}).values()),
+            "mean_step_s": t.get("mean_step_s"), "gate_s": sum(gates.get("seconds", {}).values()),
             "wall_s": round(wall, 1)}
 
 

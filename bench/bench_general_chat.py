@@ -91,7 +91,8 @@ def run_variant(ctx, name: str, hp: dict) -> dict:
     started = time.monotonic()
     job = run_job(ctx, job.job_id)
     wall = time.monotonic() - started
-    report = job.gates or {}
+    report = job.gates.model_dump(mode="json") if job.gates else {}
+    training = job.training.model_dump(mode="json") if job.training else None
     parent, cand = load_scores(ctx, "v0"), load_scores(ctx, job.candidate_version)
     f1 = [token_f1(c, p) for c, p in zip(cand.general_chat.answers, parent.general_chat.answers)]
     model_dir = checkpoints.fetch(ctx.store, job.candidate_version, ctx.settings.checkpoint_cache_dir)
@@ -107,9 +108,9 @@ def run_variant(ctx, name: str, hp: dict) -> dict:
         "token_f1_vs_v0": sum(f1) / len(f1),
         "ifeval_strict": [report["parent"].get("ifeval_strict"), report["candidate"].get("ifeval_strict")],
         "harmful_refusal": [report["parent"].get("harmful_refusal_rate"), report["candidate"].get("harmful_refusal_rate")],
-        "training": {k: job.training.get(k) for k in ("steps", "final_loss", "examples", "replayed_examples",
-                                                      "learning_rate", "epochs", "auto", "mean_step_s")}
-        if job.training else None,
+        "training": {k: training.get(k) for k in ("steps", "final_loss", "examples", "replayed_examples",
+                                                  "learning_rate", "epochs", "auto", "mean_step_s")}
+        if training else None,
         "everyday": everyday_answers(model_dir),
         "report": report,
     }

@@ -272,7 +272,7 @@ def run_job(model_dir: Path, registry, device: torch.device, out_dir: Path, exam
         "train_steps": result.steps, "train_step_s": round(result.mean_step_s, 4), "final_loss": result.final_loss,
         "train_syncs": syncs.report(result.steps),
         "protected_leak_max": leak,
-        "memory_directions": sum(m.get("memory_directions", 0) for m in record["matrices"].values()),
+        "memory_directions": sum(m.memory_directions for m in record.matrices.values()),
         "gate": {"device": str(generator.device), "answer_losses": len(losses.nll),
                  "perplexity_texts": len(perplexity.nll), "generated": len(texts), "generated_tokens": generator.stats.generated_tokens,
                  "peak_gb": peak_gb(device)},

@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     default_batch_size: int = 8
     # Self-distillation replay share (see worker/training/replay.py); 0 turns it off.
     default_general_replay: float = Field(0.5, ge=0, le=4)
+    # Rehearsal of earlier tasks' examples (worker/training/rehearsal.py), the same share per task; 0: off.
+    default_task_replay: float = Field(0.0, ge=0, le=4)
     default_max_seq_len: int = 256
     # Torch threads for training and gating. 0: auto, 1 on machines with at most 4 cores (the gateway's
     # engine shares them; 1 thread measured ~3x faster than 2 there), else torch's default.
@@ -130,6 +132,9 @@ class Settings(BaseSettings):
 
     # Regression gates: suite files (empty: the shipped suites), items used per suite (None: all),
     # and default thresholds (field names of sculptor.gate_report.GateThresholds; per-task overrides too).
+    # What scores candidates (worker/gate_step.py): auto = vLLM on a CUDA worker where it is installed, else
+    # transformers (the CPU path); or one of them always.
+    gate_engine: Literal["auto", "transformers", "vllm"] = "auto"
     gate_harmful_suite: str = ""
     gate_benign_suite: str = ""
     gate_ifeval_suite: str = ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -91,6 +91,11 @@ class Hyperparameters(BaseModel):
     # Self-distillation replay (worker/training/replay.py): the parent's answers to everyday prompts, as a
     # share of the task's example count; None: the settings' default, 0: off.
     general_replay: float | None = Field(None, ge=0, le=4)
+    # Rehearsal (worker/training/rehearsal.py): earlier tasks' own training examples, as a share of this task's
+    # example count, split equally over them; None: the settings' default (0: off). `task_replay_from` limits
+    # it to these task ids (default: every task the parent's lineage learned).
+    task_replay: float | None = Field(None, ge=0, le=4)
+    task_replay_from: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=100)
     # Seed the task memory with the input directions of everyday chat (the parent's answers to the replay
     # pool), protected like an earlier task from the first job on; None: OSFTConfig's default (off).
     general_chat_memory: bool | None = None

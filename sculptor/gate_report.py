@@ -83,6 +83,20 @@ class GateThresholds(BaseModel):
         return {"samples": self.bootstrap_samples, "confidence": self.confidence, "seed": self.seed}
 
 
+class ScoreSummary(BaseModel):
+    """A version's headline scores (sculptor.scores.VersionScores.summary): fractions in [0, 1], perplexity as is."""
+
+    tasks: dict[str, float | None] = Field(default_factory=dict)  # task id -> score (None: no eval items)
+    harmful_refusal_rate: float | None = None
+    benign_over_refusal_rate: float | None = None
+    ifeval_strict: float | None = None
+    ifeval_loose: float | None = None
+    perplexity: float | None = None
+    general_chat_distinct_ratio: float | None = None
+    general_chat_mean_words: float | None = None
+    general_chat_parent_nll: float | None = None
+
+
 class GateResult(BaseModel):
     gate: GateName
     subject: str  # the task id, or the suite measure ("harmful_refusal", "ifeval_strict", ...)
@@ -112,5 +126,33 @@ class GateReport(BaseModel):
     summary: str
     gates: list[GateResult]
     thresholds: GateThresholds
-    candidate: dict
-    parent: dict
+    candidate: ScoreSummary
+    parent: ScoreSummary
+
+
+class LineageAccuracy(BaseModel):
+    """The accuracy matrix R[version][task] over a lineage, with AA and BWT (sculptor/accuracy.py)."""
+
+    R: dict[str, dict[str, float]]
+    versions: list[str]  # versions[i] learned tasks[i]
+    tasks: list[str]
+    AA: float | None = None
+    BWT: float | None = None
+
+
+class JobGates(GateReport):
+    """A job's gate report as stored on its record (JobRecord.gates): the report, plus what the job adds."""
+
+    seconds: dict[str, float] = Field(default_factory=dict)  # evaluation wall time per part (the candidate's)
+    work: dict[str, dict[str, int]] = Field(default_factory=dict)  # per part: items, tokens
+    lineage: LineageAccuracy | None = None  # on promotion: the serving lineage's accuracy matrix
+    forced: bool = False  # an admin served the candidate past its failed gates
+
+
+class GateSummary(BaseModel):
+    """What the lineage keeps of a version's gates (ModelVersion.gate_summary)."""
+
+    passed: bool
+    summary: str | None = None
+    failed: list[str] | None = None
+    forced: bool = False

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from sculptor import checkpoints
+from sculptor.gate_report import GateSummary
 from sculptor.records import HeadMoved, JobRecord, JobStore, ModelVersion, VersionStore
 from sculptor.storage import ObjectStore
 
@@ -38,7 +39,7 @@ def announce_candidate(versions: VersionStore, version: str) -> None:
 
 
 def promote_candidate(versions: VersionStore, store: ObjectStore, job: JobRecord, version: str,
-                      gate_summary: dict, forced: bool = False) -> ModelVersion:
+                      gate_summary: GateSummary, forced: bool = False) -> ModelVersion:
     """Make `version` (trained by `job` on its parent) current; HeadMoved if the head is no longer that parent."""
     record = ModelVersion(version=version, parent=job.parent_version, task_id=job.task_id, job_id=job.job_id,
                           checkpoint_uri=store.uri(checkpoints.prefix(version)), forced=forced,
@@ -59,13 +60,14 @@ def force_promote(versions: VersionStore, jobs: JobStore, store: ObjectStore, jo
                             "resubmit the task to train on the current version")
     if not checkpoints.is_committed(store, job.candidate_version):
         raise CannotPromote("checkpoint_missing", f"candidate {job.candidate_version} has no committed checkpoint")
-    gates = job.gates or {}
-    summary = {"passed": False, "forced": True, "summary": gates.get("summary"), "failed": gates.get("failed")}
+    gates = job.gates
+    summary = GateSummary(passed=False, forced=True, summary=gates and gates.summary, failed=gates and gates.failed)
     try:  # a compare-and-set on the head: the check above may be stale by now
         promote_candidate(versions, store, job, job.candidate_version, summary, forced=True)
     except HeadMoved as moved:
         raise CannotPromote("lineage_moved", f"{moved}; resubmit the task to train on {moved.head}") from None
-    return jobs.update(job.job_id, reopen=True, status="promoted", gates={**gates, "forced": True})
+    return jobs.update(job.job_id, reopen=True, status="promoted",
+                       gates=gates and gates.model_copy(update={"forced": True}))
 
 
 def activate(versions: VersionStore, name: str, expected_head: str | None) -> ModelVersion:

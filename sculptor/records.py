@@ -1,6 +1,7 @@
 """Records shared by the gateway and the workers: tasks, jobs and model versions, kept in Redis.
 
-Every record is one JSON string under a `sculptor:` key, with a sorted set per kind for
+Every record is one JSON string under a `sculptor:` key, written from its model and validated by it
+when read (a record that does not fit raises CorruptRecord, naming the key and the fields), with a sorted set per kind for
 listing in order of creation, and for tasks and jobs one per owner (jobs also one per status and per
 task), so listings, metrics and recovery read ranges of indexes instead of every record. Job updates go
 through `JobStore.update`, which also appends an event and publishes it, so `GET /jobs/{id}/events` sees
@@ -17,14 +18,17 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import redis
 from pydantic import BaseModel, Field
 
 from sculptor.datasets import Hyperparameters, Metric
+from sculptor.gate_report import GateSummary, JobGates
 from sculptor.progress import Progress
+from sculptor.stored_records import CorruptRecord, parse  # noqa: F401  (CorruptRecord: what a bad record raises)
 from sculptor.stored_secret import STORE_CONTEXT, StoredSecret
+from sculptor.training_summary import TrainingSummary
 
 # superseded: the candidate passed its gates, but the serving head had moved off its parent meanwhile.
 JobStatus = Literal["validating", "queued", "running", "evaluating", "promoted", "rejected", "failed", "cancelled",
@@ -72,8 +76,8 @@ class JobRecord(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     parent_version: str | None = None
     candidate_version: str | None = None
-    gates: dict[str, Any] | None = None
-    training: dict[str, Any] | None = None
+    gates: JobGates | None = None  # the gate report, once the candidate was gated
+    training: TrainingSummary | None = None  # what training did, once it finished
     error: str | None = None
     error_code: str | None = None  # a failed job's reason for programs, e.g. "capacity_exhausted"
     cancel_requested: bool = False
@@ -93,7 +97,7 @@ class ModelVersion(BaseModel):
     created_at: float = Field(default_factory=now)
     promoted_at: float | None = None
     forced: bool = False
-    gate_summary: dict[str, Any] | None = None
+    gate_summary: GateSummary | None = None
 
 
 class JobEnded(RuntimeError):
@@ -134,7 +138,7 @@ class _JsonStore:
 
     def get(self, ident: str):
         raw = self.r.get(self._key(ident))
-        return None if raw is None else self.model.model_validate_json(raw)
+        return None if raw is None else parse(self.model, raw, self._key(ident))
 
     def ids(self, offset: int = 0, limit: int = -1, newest_first: bool = True) -> list[str]:
         end = -1 if limit < 0 else offset + limit - 1
@@ -146,7 +150,7 @@ class _JsonStore:
 
     def _records(self, ids: list[str]) -> list:
         raws = self.r.mget([self._key(i) for i in ids]) if ids else []
-        return [self.model.model_validate_json(raw) for raw in raws if raw is not None]
+        return [parse(self.model, raw, self._key(i)) for i, raw in zip(ids, raws) if raw is not None]
 
     def count(self) -> int:
         return self.r.zcard(self._index())
@@ -244,10 +248,10 @@ class JobStore(_JsonStore):
                     raw = pipe.get(key)
                     if raw is None:
                         raise KeyError(job_id)
-                    old = JobRecord.model_validate_json(raw)
+                    old = parse(JobRecord, raw, key)
                     if old.finished and changes.get("status", old.status) != old.status and not reopen:
                         raise JobEnded(f"job {job_id} already ended as {old.status}")
-                    job = JobRecord.model_validate(old.model_copy(update=changes).model_dump())
+                    job = JobRecord.model_validate({**old.model_dump(), **changes})  # changes' types checked
                     if job.status != old.status:
                         job.timestamps[job.status] = now()
                     pipe.multi()
@@ -344,7 +348,7 @@ class JobStore(_JsonStore):
 
 
 def _gate_outcome(job: JobRecord) -> str:
-    return "passed" if job.gates.get("passed") else "failed"
+    return "passed" if job.gates.passed else "failed"
 
 
 def ensure_indexes(tasks: TaskStore, jobs: JobStore) -> None:

@@ -47,4 +47,4 @@ def refresh_job_gauges(ctx) -> None:
         GATE_OUTCOMES.labels(outcome).set(count)
     trained = [j for j in ctx.jobs.latest_ended(LATEST_JOBS_READ) if j.training]
     if trained:
-        TRAIN_STEP_SECONDS.set(trained[0].training.get("mean_step_s", 0.0))
+        TRAIN_STEP_SECONDS.set(trained[0].training.mean_step_s)

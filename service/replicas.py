@@ -11,8 +11,19 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from service import metrics
 from service.engines.base import Engine
+
+
+class ReplicaStatus(BaseModel):
+    """One replica as GET /models and GET /readyz show it (`Replica.status`)."""
+
+    replica: int
+    version: str | None  # the version it holds
+    admitted: bool  # in rotation: it takes new requests
+    in_flight: int
 
 
 @dataclass(eq=False)

@@ -1,3 +1,4 @@
+import asyncio
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,3 +42,12 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_learner_dir(tmp_path_factory):
     """The tiny model with embeddings scaled so it learns a small task in a few steps (for job tests)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-learner"), seed=0, embedding_std=0.1)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop per test module, for engines that live across its tests (AsyncLLM keeps the loop it
+    started on)."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()

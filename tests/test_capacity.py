@@ -88,7 +88,7 @@ def test_a_stream_that_spends_the_old_schedule_keeps_learning_under_the_new_one(
     drops = run_stream(tiny_model_dir, registry, OSFTConfig(adaptive_ranks=False, mean_protected_ratio=0.9), 12)
     assert all(drop > 0 for drop in drops), drops  # every task still learns, the 10th to 12th included
     summary = registry.summary("0.9-v12")
-    assert 0 < summary["remaining_capacity"] < 1 - summary["protected_fraction"]  # the memory takes its share
+    assert 0 < summary.remaining_capacity < 1 - summary.protected_fraction  # the memory takes its share
 
 
 def test_capacity_exhausted_fails_the_job_with_its_code_and_what_to_do(ctx):  # noqa: F811
@@ -138,7 +138,7 @@ def test_a_job_without_the_memory_passes_the_lineages_memory_on(tiny_model_dir, 
     opted_out = build_constraint(model, Hyperparameters(task_memory=False), "v1", registry, batches[:1])
     assert not any(p.memory_rank for p in opted_out.plans.values())  # this job alone is not held by it
     record = record_version(registry, model, "v2", "v1", "task-2", opted_out, memory_batches=batches)
-    assert all(m["memory_directions"] == memory[name].shape[1] for name, m in record["matrices"].items())
+    assert all(m.memory_directions == memory[name].shape[1] for name, m in record.matrices.items())
 
     after = build_constraint(model, Hyperparameters(), "v2", registry, batches[:1])
     assert all(torch.equal(after.memory[name], memory[name]) for name in memory)

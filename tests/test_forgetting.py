@@ -82,4 +82,4 @@ def test_constrained_run_forgets_the_first_task_less_and_still_learns_the_second
         delta = module.weight.detach() - before[f"{name}.weight"]
         assert (delta @ memory).norm() <= 1e-4 * delta.norm(), f"{name} moved on task 1's inputs"
     record = registry.get("osft-2")
-    assert all(m["memory_directions"] >= constraint.plans[n].memory_rank for n, m in record["matrices"].items())
+    assert all(m.memory_directions >= constraint.plans[n].memory_rank for n, m in record.matrices.items())

@@ -66,14 +66,6 @@ async def greedy(model: ServingModel) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def loop():
-    """One event loop for the module: the engine below lives on it, test after test."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def fresh(ctx, loop) -> dict[str, list[str]]:
     """Greedy output of a fresh engine on each version: what a swapped engine must reproduce."""
     async def outputs(version: str) -> list[str]:

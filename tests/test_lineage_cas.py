@@ -121,7 +121,7 @@ def test_a_rollback_during_a_job_supersedes_the_job(tmp_path, redis_url, tiny_le
 
         assert rollback["code"] == 200 and rollback["job_status"] not in TERMINAL, rollback
         assert done.status == "superseded", done.error
-        assert done.parent_version == v1 and done.gates["passed"] is True
+        assert done.parent_version == v1 and done.gates.passed is True
         assert f"moved from {v1} to v0" in done.error and "resubmit" in done.error
         assert ctx.versions.current() == "v0" and ctx.versions.get(done.candidate_version) is None
         statuses = [e["status"] for e in ctx.jobs.events(job_id) if e["type"] == "status"]

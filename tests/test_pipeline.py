@@ -48,8 +48,8 @@ def test_job_trains_gates_and_promotes(ctx):
     assert done.status == "promoted", done.error
     assert done.parent_version == "v0" and done.candidate_version == "v1" and ctx.versions.current() == "v1"
     assert done.progress.step == done.progress.total_steps > 0 and done.progress.loss is not None
-    assert done.training["method"] == "osft"
-    assert done.gates["passed"] and done.gates["lineage"]["R"]["v1"][task.task_id] > 0.5
+    assert done.training.method == "osft"
+    assert done.gates.passed and done.gates.lineage.R["v1"][task.task_id] > 0.5
     statuses = [e["status"] for e in ctx.jobs.events(job.job_id) if e["type"] == "status"]
     assert statuses == ["validating", "queued", "running", "evaluating", "promoted"]
     assert checkpoints.is_committed(ctx.store, "v1")

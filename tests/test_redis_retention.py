@@ -37,12 +37,18 @@ def test_a_job_keeps_its_newest_events_numbered(redis_client):
     assert [e["seq"] for e in jobs.events("job_a", after=49)] == [50, 51]  # a follower resumes by number
 
 
+def gates(passed: bool) -> dict:
+    """The least gate report a job record takes."""
+    return {"passed": passed, "new_task_id": "task_1", "failed": [], "summary": "", "gates": [], "thresholds": {},
+            "candidate": {}, "parent": {}}
+
+
 def test_jobs_that_ended_past_the_retention_are_deleted(redis_client):
     jobs = JobStore(redis_client)
     for job_id in ("job_old", "job_recent", "job_running"):
         jobs.add(job(job_id))
-    jobs.update("job_old", status="rejected", gates={"passed": False})
-    jobs.update("job_recent", status="promoted", gates={"passed": True})
+    jobs.update("job_old", status="rejected", gates=gates(False))
+    jobs.update("job_recent", status="promoted", gates=gates(True))
     jobs.update("job_running", status="running")
     redis_client.zadd(jobs.ended_index, {"job_old": now() - 31 * DAY_S})  # it ended a month ago
     assert jobs.gate_outcomes() == {"passed": 1, "failed": 1}

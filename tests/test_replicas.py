@@ -40,13 +40,6 @@ def ctx(tmp_path_factory, redis_url):
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def pair(ctx, loop):
     """One gateway's serving model with two vLLM replicas, serving v0."""
     # float32: the logits of a tiny random model lie close together, and batched bf16 could flip a greedy choice

@@ -214,8 +214,8 @@ def history(gateway, tiny_model_dir):
 
 def test_history_gates_are_as_expected(history):
     job1, job2, job3, _ = history["jobs"]
-    assert job1.status == job2.status == "promoted" and job1.gates["passed"] and job2.gates["passed"]
-    assert job3.status == "rejected" and job3.gates["failed"] == [f"retention:{history['tasks'][0]}"]
+    assert job1.status == job2.status == "promoted" and job1.gates.passed and job2.gates.passed
+    assert job3.status == "rejected" and job3.gates.failed == [f"retention:{history['tasks'][0]}"]
 
 
 def test_accuracy_matrix(http, history):

@@ -1,5 +1,6 @@
 """The subspace registry: records in real Redis, bases in the object store, no SVD a job can load."""
 
+import dataclasses
 import json
 
 import pytest
@@ -43,11 +44,12 @@ def test_round_trip_and_no_svd_for_a_known_parent(tiny_model_dir, redis_client, 
     assert len(svd_calls) == 28  # the next version's bases, computed once after training
 
     stored = json.loads(redis_client.get("sculptor:registry:version:v1"))
-    assert stored == record
-    assert stored["parent_version"] == "base" and stored["tasks"] == ["task-1"]
-    assert stored["bases_uri"].startswith(tmp_path.as_uri())
-    for name, matrix in stored["matrices"].items():
-        assert matrix["m"] == 128 and matrix["k"] == first.plans[name].k
+    assert stored == dataclasses.asdict(record) and registry.get("v1") == record
+    assert record.parent_version == "base" and record.tasks == ["task-1"]
+    assert record.bases_uri.startswith(tmp_path.as_uri())
+    assert record.method == "osft" and record.config == first.config  # the resolved method config, kept
+    for name, matrix in record.matrices.items():
+        assert matrix.m == 128 and matrix.k == first.plans[name].k
     assert registry.list_versions() == ["base", "v1"]
 
     # Job 2 on the same parent: bases come from the registry, no SVD at all.
@@ -87,11 +89,11 @@ def test_summary_reports_capacity_per_layer(tiny_model_dir, redis_client, tmp_pa
     record_version(registry, model, "v1", "base", "task-1", constraint)
 
     summary = registry.summary("v1")
-    assert summary["tasks"] == ["task-1"] and summary["parent_version"] == "base"
-    assert summary["protected_fraction"] == pytest.approx(96 / 128)
+    assert summary.tasks == ["task-1"] and summary.parent_version == "base"
+    assert summary.protected_fraction == pytest.approx(96 / 128)
     # What the next job (default hyperparameters, 1 task absorbed) can train: k grows from 96 to 101.
-    assert summary["remaining_capacity"] == pytest.approx(27 / 128, abs=1e-4)
-    assert set(summary["layers"]) == {"0", "1"}
-    assert summary["layers"]["0"]["protected_fraction"] == pytest.approx(0.75)
-    assert registry.summary("base")["protected_fraction"] == 0.0
+    assert summary.remaining_capacity == pytest.approx(27 / 128, abs=1e-4)
+    assert set(summary.layers) == {"0", "1"}
+    assert summary.layers["0"].protected_fraction == pytest.approx(0.75)
+    assert registry.summary("base").protected_fraction == 0.0
     assert registry.summary("nope") is None

@@ -86,7 +86,7 @@ def test_a_chat_seeded_memory_protects_everyday_inputs_once_per_lineage(tiny_mod
     assert first.general_chat_memory and first.report()["general_chat_memory"]
     assert all(p.memory_rank > 0 for p in first.plans.values() if not p.spent)  # protected from the first job on
     record = record_version(registry, model, "v1", "base", "task-1", first, memory_batches=task)
-    assert record["general_chat_memory"]
+    assert record.general_chat_memory
 
     # The next job inherits the chat directions with the memory and does not add them a second time.
     stored = registry.load_bases("v1", list(first.targets))
@@ -103,8 +103,8 @@ def test_a_job_seeds_the_memory_with_the_parents_everyday_answers(ctx):
     _, job = submit(ctx, "greet", examples("say the greeting", "hello world", n=16), epochs=2,
                     general_replay=0.0, general_chat_memory=True)
     done = pipeline.run_job(ctx, job.job_id)
-    assert done.training and done.training["replayed_examples"] == 0  # sampled for the memory only
-    assert done.training["constraint"]["general_chat_memory"]
+    assert done.training and done.training.replayed_examples == 0  # sampled for the memory only
+    assert done.training.constraint.general_chat_memory
     record = osft.SubspaceRegistry(ctx.redis, ctx.store).get(done.candidate_version)
-    assert record["general_chat_memory"] and all(
-        m["memory_directions"] > 0 for m in record["matrices"].values() if not m["spent"])
+    assert record.general_chat_memory and all(
+        m.memory_directions > 0 for m in record.matrices.values() if not m.spent)

@@ -23,8 +23,10 @@ def task_with(url: str | None) -> TaskRecord:
                       size_bytes=10, webhook_url=url, webhook_secret="whsec_test")
 
 
+GATES = {"passed": True, "summary": "ok", "new_task_id": "task_1", "failed": [], "gates": [], "thresholds": {},
+         "candidate": {}, "parent": {}}
 JOB = JobRecord(job_id="job_1", task_id="task_1", status="promoted", parent_version="v0", candidate_version="v1",
-                progress=Progress(step=4, total_steps=4, loss=0.5), gates={"passed": True, "summary": "ok"})
+                progress=Progress(step=4, total_steps=4, loss=0.5), gates=GATES)
 
 
 def test_first_attempt_fails_then_succeeds(receivers):

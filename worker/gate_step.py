@@ -8,11 +8,17 @@ lineage's AA and BWT to the report (sculptor/accuracy.py, which the gateway's GE
 
 from __future__ import annotations
 
+import gc
+import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from sculptor.accuracy import lineage_tasks, load_scores, save_scores
 from sculptor.context import Context
 from sculptor.datasets import Example, load_examples
+from sculptor.gate_report import JobGates
 from sculptor.records import TaskRecord
 from sculptor.scores import normalized
 from worker import gates
@@ -42,8 +48,8 @@ def suites(ctx: Context) -> gates.Suites:
 
 
 def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: str,
-                       candidate_dir: Path, parent_dir: Path) -> dict:
-    """Score `candidate`, gate it against `parent`, and return the JSON-able gate report."""
+                       candidate_dir: Path, parent_dir: Path) -> JobGates:
+    """Score `candidate`, gate it against `parent`, and return the gate report as the job records it."""
     task_evals, overrides = {}, {}
     for _, task_id in lineage_tasks(ctx, parent) + [(candidate, task.task_id)]:
         record = ctx.tasks.get(task_id)
@@ -53,28 +59,58 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
         if record.hyperparameters.gate_thresholds:
             overrides[task_id] = record.hyperparameters.gate_thresholds
     thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
+    device = resolve_train_device(ctx.settings.train_device)
     parent_scores, candidate_scores, report = score_and_decide(
         task_evals, suites(ctx), task.task_id, parent_dir, candidate_dir, load_scores(ctx, parent),
-        thresholds, overrides, task_answers(ctx, task), device=resolve_train_device(ctx.settings.train_device))
+        thresholds, overrides, task_answers(ctx, task), device=device, engine=gate_engine(ctx.settings.gate_engine, device))
     save_scores(ctx, parent, parent_scores)
     save_scores(ctx, candidate, candidate_scores)
-    return report.model_dump(mode="json") | {"seconds": candidate_scores.seconds, "work": candidate_scores.work}
+    return JobGates.model_validate({**report.model_dump(), "seconds": candidate_scores.seconds,
+                                    "work": candidate_scores.work})
 
 
 def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, new_task_id: str,
                      parent_dir: Path, candidate_dir: Path, parent_stored: gates.VersionScores | None,
                      thresholds: gates.GateThresholds, overrides: dict | None = None,
                      new_task_answers: set[str] | frozenset[str] = frozenset(), device=None,
+                     engine: str = "transformers",
                      ) -> tuple[gates.VersionScores, gates.VersionScores, gates.GateReport]:
     """The gate without Redis: complete the parent's stored scores (usually just the new task),
     score the candidate on everything, decide. bench/bench_gates.py times exactly this.
-    `device`: where the two models run (the job's; None: the CPU)."""
-    parent_scores = gates.evaluate(gates.HFGenerator.from_pretrained(parent_dir, device=device), task_evals,
-                                   the_suites, reuse=parent_stored)
-    candidate_scores = gates.evaluate(gates.HFGenerator.from_pretrained(candidate_dir, device=device), task_evals,
-                                      the_suites, chat_reference=parent_scores.general_chat)
+    `device`: where the two models run (the job's; None: the CPU); `engine`: see `open_generator`."""
+    with open_generator(parent_dir, device, engine) as generator:
+        parent_scores = gates.evaluate(generator, task_evals, the_suites, reuse=parent_stored)
+    with open_generator(candidate_dir, device, engine) as generator:
+        candidate_scores = gates.evaluate(generator, task_evals, the_suites, chat_reference=parent_scores.general_chat)
     # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
     earlier = [t for t in task_evals if t != new_task_id]
     report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier,
                           new_task_answers)
     return parent_scores, candidate_scores, report
+
+
+def gate_engine(setting: str, device) -> str:
+    """`auto`: vLLM on a CUDA worker where it is installed (far faster batched decoding), else transformers."""
+    if setting != "auto":
+        return setting
+    if torch.device(device or "cpu").type != "cuda":
+        return "transformers"
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+@contextmanager
+def open_generator(model_dir: Path, device, engine: str):
+    """One version's generator for the gates; a vLLM engine is shut down (its memory freed) on exit."""
+    if engine == "vllm":
+        from worker.gates.vllm_generator import VLLMGenerator
+
+        gc.collect()  # the job's training state is gone (pipeline.train_candidate): give its memory back first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        generator = VLLMGenerator.from_pretrained(model_dir)
+        try:
+            yield generator
+        finally:
+            generator.close()
+    else:
+        yield gates.HFGenerator.from_pretrained(model_dir, device=device)

@@ -16,11 +16,13 @@ import torch
 
 from sculptor import accuracy, checkpoints, lineage
 from sculptor.context import Context
-from sculptor.datasets import load_examples
+from sculptor.datasets import Example, load_examples
+from sculptor.gate_report import GateSummary, LineageAccuracy
 from sculptor.records import HeadMoved, JobEnded, JobRecord, Progress, TaskRecord
+from sculptor.training_summary import TrainingSummary
 from worker import gate_step, osft
 from worker.training import data as training_data
-from worker.training import auto, replay
+from worker.training import auto, rehearsal, replay
 from worker.training.device import load_model, resolve_train_device, use_bf16
 from worker.training.loop import LRSchedule, NonFiniteLoss, TrainingCancelled, train
 
@@ -56,7 +58,7 @@ class Candidate:
     checkpoint_uri: str
     model_dir: Path
     parent_dir: Path
-    training: dict
+    training: TrainingSummary
 
 
 # JobRecord.error_code of each failure a job can end with.
@@ -86,15 +88,15 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
                         training=candidate.training)
         report = gate_step.evaluate_candidate(ctx, task, parent, candidate.version, candidate.model_dir,
                                            candidate.parent_dir)
-        if not report["passed"]:
-            return ctx.jobs.update(job_id, status="rejected", gates=report, error=report["summary"])
+        if not report.passed:
+            return ctx.jobs.update(job_id, status="rejected", gates=report, error=report.summary)
         if ctx.jobs.get(job_id).cancel_requested:
             return ctx.jobs.update(job_id, status="cancelled", gates=report,
                                    error="cancelled during evaluation; the candidate was not promoted")
         check_lock()
         lineage.promote_candidate(ctx.versions, ctx.store, job, candidate.version,
-                                  {"passed": report["passed"], "summary": report["summary"], "failed": report["failed"]})
-        report["lineage"] = accuracy.accuracy_matrix(ctx, candidate.version)
+                                  GateSummary(passed=report.passed, summary=report.summary, failed=report.failed))
+        report.lineage = LineageAccuracy.model_validate(accuracy.accuracy_matrix(ctx, candidate.version))
         return ctx.jobs.update(job_id, status="promoted", gates=report)
     except TrainingCancelled as err:
         return ctx.jobs.update(job_id, status="cancelled", error=str(err))
@@ -109,6 +111,7 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
 class TrainingData:
     examples: int  # the task's own
     replayed: int  # the parent's answers to everyday prompts (worker/training/replay.py)
+    rehearsed: dict[str, int]  # earlier tasks' own examples, per task id (worker/training/rehearsal.py)
     train: list  # tokenized: what the optimizer sees
     validation: list  # tokenized, held out of the task's examples while the learning rate is chosen
     truncated: int
@@ -116,17 +119,36 @@ class TrainingData:
     replay: list  # tokenized: the replayed part of `train`
 
 
-def training_data_for(ctx: Context, task: TaskRecord, model, tokenizer, split_validation: bool) -> TrainingData:
+def training_data_for(ctx: Context, task: TaskRecord, parent: str, model, tokenizer,
+                      split_validation: bool) -> TrainingData:
     hp, settings = task.hyperparameters, ctx.settings
     examples = load_examples(ctx.store, task.dataset_uri)
     share = settings.default_general_replay if hp.general_replay is None else hp.general_replay
     replayed = replay.replay_examples(model, tokenizer, share, len(examples), hp.seed)
+    rehearsed = rehearsal_for(ctx, task, parent, len(examples))
     max_len = hp.max_seq_len or settings.default_max_seq_len
-    own, extra = ([training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len) for e in part]
-                  for part in (examples, replayed))
+
+    def tokenized(part: list[Example]) -> list:
+        return [training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len) for e in part]
+
+    own, extra = tokenized(examples), tokenized(replayed)
+    earlier = tokenized([e for drawn in rehearsed.values() for e in drawn])
     own, validation = auto.validation_split(own, hp.seed) if split_validation else (own, [])
-    truncated = sum(t.truncated for t in own + extra + validation)  # policy: truncate to max_seq_len, and say how many
-    return TrainingData(len(examples), len(replayed), own + extra, validation, truncated, max_len, extra)
+    truncated = sum(t.truncated for t in own + extra + earlier + validation)  # policy: truncate, and say how many
+    return TrainingData(len(examples), len(replayed), {t: len(drawn) for t, drawn in rehearsed.items()},
+                        own + extra + earlier, validation, truncated, max_len, extra)
+
+
+def rehearsal_for(ctx: Context, task: TaskRecord, parent: str, task_examples: int) -> dict[str, list[Example]]:
+    """Earlier tasks' own examples for this job, per task id (none unless task_replay is set)."""
+    hp = task.hyperparameters
+    share = ctx.settings.default_task_replay if hp.task_replay is None else hp.task_replay
+    if share <= 0:
+        return {}
+    learned = [task_id for _, task_id in accuracy.lineage_tasks(ctx, parent)]
+    earlier = [ctx.tasks.get(t) for t in rehearsal.tasks_to_rehearse(learned, hp.task_replay_from)]
+    earlier = [t for t in earlier if t is not None]
+    return rehearsal.rehearsal_examples(ctx.store, earlier, share, task_examples, hp.seed)
 
 
 def chat_memory_batches(hp, model, tokenizer, data: TrainingData, batch_size: int) -> list | None:
@@ -170,7 +192,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     device = resolve_train_device(settings.train_device)
     model, tokenizer = load_model(parent_dir, device)
     auto_lr, auto_epochs = (_is_auto(v, settings.auto_hyperparameters) for v in (hp.learning_rate, hp.epochs))
-    data = training_data_for(ctx, task, model, tokenizer, split_validation=auto_lr)
+    data = training_data_for(ctx, task, parent, model, tokenizer, split_validation=auto_lr)
     batch_size = hp.batch_size or settings.default_batch_size
     # The validation split only chooses the learning rate (on probes that never see it); the run itself
     # then trains on every example, so a task of facts that exist nowhere else can still be learned whole.
@@ -205,11 +227,11 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     lineage.announce_candidate(ctx.versions, version)
     subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint,
                                    memory_batches=batches[:min(steps_per_epoch, MEMORY_BATCHES)])
-    training = {"steps": result.steps, "final_loss": result.final_loss, "examples": data.examples,
-                "replayed_examples": data.replayed, "learning_rate": learning_rate, "epochs": epochs,
+    training = TrainingSummary.model_validate({"steps": result.steps, "final_loss": result.final_loss, "examples": data.examples,
+                "replayed_examples": data.replayed, "rehearsed_examples": data.rehearsed, "learning_rate": learning_rate, "epochs": epochs,
                 "auto": chosen.model_dump() if chosen else None,
                 "truncated_examples": data.truncated, "max_seq_len": data.max_seq_len, "mean_step_s": round(result.mean_step_s, 4),
-                "method": hp.method, "constraint": constraint.report(), "subspace": subspace}
+                "method": hp.method, "constraint": constraint.report(), "subspace": subspace})
     del model
     model_dir = checkpoints.fetch(ctx.store, version, settings.checkpoint_cache_dir)
     return Candidate(version, uri, model_dir, parent_dir, training)

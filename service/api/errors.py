@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sculptor.stored_records import CorruptRecord
+
 log = logging.getLogger("sculptor.gateway")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -89,6 +91,11 @@ def install(app: FastAPI) -> None:
         return ErrorResponse(error_body(503, "redis_full", "the job store (Redis) is full and refuses writes; "
                                         "generation still works. An operator raises its maxmemory or shortens "
                                         "SCULPTOR_JOB_RETENTION_DAYS"), 503, headers={"Retry-After": "60"})
+
+    @app.exception_handler(CorruptRecord)
+    async def _corrupt(request: Request, exc: CorruptRecord):
+        log.error("a stored record failed validation on %s %s: %s", request.method, request.url.path, exc)
+        return ErrorResponse(error_body(500, exc.code, f"{exc}; an operator repairs or deletes it"), 500)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

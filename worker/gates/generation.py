@@ -60,9 +60,7 @@ class HFGenerator:
         self.bf16_autocast = bf16_autocast
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        chatml_end = self._chatml_end_of_turn()
-        self.end_of_turn_id = chatml_end if chatml_end is not None else tokenizer.eos_token_id  # ends a scored answer
-        self.stop_ids = self._stop_ids(chatml_end)
+        self.end_of_turn_id, self.stop_ids = end_and_stop_ids(tokenizer, model.generation_config)
         self.stats = GenerationStats()
 
     @classmethod
@@ -71,16 +69,6 @@ class HFGenerator:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or "cpu")
         return cls(model, AutoTokenizer.from_pretrained(path), **kwargs)
-
-    def _chatml_end_of_turn(self) -> int | None:
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        return end_of_turn if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id else None
-
-    def _stop_ids(self, chatml_end: int | None) -> list[int]:
-        ids = {self.tokenizer.eos_token_id, chatml_end}
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
 
     def _autocast(self):
         return autocast(self.device, self.bf16_autocast)
@@ -210,6 +198,19 @@ class HFGenerator:
                 nll[i] = float((losses[row] * scored[row]).sum())
                 tokens[i] = int(scored[row].sum())
         return TextLosses(nll=nll, tokens=tokens)
+
+
+def end_and_stop_ids(tokenizer, generation_config) -> tuple[int, list[int]]:
+    """The token that ends a scored answer (ChatML's <|im_end|> where the tokenizer has it, else EOS), and
+    every token that stops greedy decoding (those two and the model's configured EOS ids)."""
+    chatml_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not isinstance(chatml_end, int) or chatml_end == tokenizer.unk_token_id:
+        chatml_end = None
+    ids = {tokenizer.eos_token_id, chatml_end}
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    end_of_turn = chatml_end if chatml_end is not None else tokenizer.eos_token_id
+    return end_of_turn, sorted(i for i in ids if i is not None)
 
 
 def _shared_prefix_length(prompts: list[list[int]]) -> int:

@@ -27,12 +27,14 @@ the gateway serves as GET /registry.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import torch
 
 from sculptor.capacity import OSFTConfig
+from sculptor.subspace_records import MatrixRecord, SubspaceRecord
 from worker.osft.constraint import CapacityExhausted, SubspaceConstraint, plan_matrices, require_capacity
 from worker.osft.full import FullFineTuning
 from worker.osft.importance import layer_importance
@@ -60,7 +62,7 @@ def build_constraint(
     lineage whose memory holds no chat yet, their input directions join the memory as one more task."""
     config = config or OSFTConfig.from_hyperparameters(hyperparameters)
     parent_record = registry.get(parent_version) if registry else None
-    parent_tasks = parent_record["tasks"] if parent_record else []
+    parent_tasks = list(parent_record.tasks) if parent_record else []
     if hyperparameters.method == "full":
         return FullFineTuning(model, config, parent_tasks)
 
@@ -76,11 +78,12 @@ def build_constraint(
     device = next(iter(targets.values())).weight.device
     bases = {name: b.to(device) for name, b in bases.items()}  # the registry's tensors load on the CPU
     timings["importance_s"] = importance_s
+    parent_matrices = parent_record.matrices if parent_record else {}
     lost = [name for name in trainable if bases[name].memory is None
-            and (parent_record or {}).get("matrices", {}).get(name, {}).get("memory_directions")]
+            and name in parent_matrices and parent_matrices[name].memory_directions]
     if lost:
         log.warning("the task memory of %d matrices of %s could not be loaded: %s", len(lost), parent_version, lost)
-    seeded = bool((parent_record or {}).get("general_chat_memory"))
+    seeded = bool(parent_record and parent_record.general_chat_memory)
     if config.task_memory and config.general_chat_memory and chat_batches and not seeded:
         _grow_memories(model, targets, bases, {name: b.memory for name, b in bases.items()}, chat_batches, config)
         seeded = True
@@ -94,7 +97,7 @@ def _parent_bases(
     targets: dict[str, torch.nn.Linear],
     names: list[str],
     parent_version: str,
-    parent_record: dict | None,
+    parent_record: SubspaceRecord | None,
     registry: SubspaceRegistry | None,
 ) -> tuple[dict[str, Bases], dict[str, float], bool]:
     """Bases of the matrices `names` (those that train): from the registry, else by SVD (then stored,
@@ -112,15 +115,18 @@ def _parent_bases(
             bases[name].memory = memory
         uri = registry.store_bases(parent_version, bases)
         record = parent_record or _root_record(parent_version, targets)
-        registry.put({**record, "bases_uri": uri})
+        registry.put(dataclasses.replace(record, bases_uri=uri))
     return bases, timings, False
 
 
-def _root_record(version: str, targets: dict[str, torch.nn.Linear]) -> dict:
+def _root_record(version: str, targets: dict[str, torch.nn.Linear]) -> SubspaceRecord:
     """A version nobody trained here (the base model): nothing protected yet, no tasks."""
-    matrices = {name: {"m": min(module.weight.shape), "shape": list(module.weight.shape), "k": 0, "importance": None,
-                       "protected_ratio": 0.0, "spent": False} for name, module in targets.items()}
-    return {"version": version, "parent_version": None, "tasks": [], "matrices": matrices}
+    return SubspaceRecord(version=version, parent_version=None, tasks=[], matrices=_unprotected(targets))
+
+
+def _unprotected(targets: dict[str, torch.nn.Linear]) -> dict[str, MatrixRecord]:
+    return {name: MatrixRecord(m=min(module.weight.shape), shape=list(module.weight.shape), k=0, importance=None,
+                               protected_ratio=0.0, spent=False) for name, module in targets.items()}
 
 
 def record_version(
@@ -131,8 +137,9 @@ def record_version(
     task_id: str,
     constraint: SubspaceConstraint | FullFineTuning,
     memory_batches: list[dict[str, torch.Tensor]] | None = None,
-) -> dict:
-    """Store `version`'s record and bases (SVD of the trained weights) for the next job; returns the record.
+) -> SubspaceRecord:
+    """Store `version`'s record and bases (SVD of the trained weights) for the next job; returns the record,
+    which keeps the method and the resolved OSFTConfig the version was trained with.
 
     After "osft" each matrix keeps the rank it protected as the floor for later jobs; after "full"
     nothing was protected, so the floors restart at zero (the task count still grows protection).
@@ -142,14 +149,14 @@ def record_version(
     """
     targets = constraint.targets
     if isinstance(constraint, SubspaceConstraint):
-        matrices = {name: {"m": p.m, "shape": list(targets[name].weight.shape), "k": p.k,
-                           "importance": p.importance, "protected_ratio": round(p.protected_ratio, 4),
-                           "spent": p.spent}
+        matrices = {name: MatrixRecord(m=p.m, shape=list(targets[name].weight.shape), k=p.k,
+                                       importance=p.importance, protected_ratio=round(p.protected_ratio, 4),
+                                       spent=p.spent)
                     for name, p in constraint.plans.items()}
     else:
-        matrices = _root_record(version, targets)["matrices"]
+        matrices = _unprotected(targets)
     started = time.monotonic()
-    bases = {name: compute_bases(targets[name].weight) for name in targets if not matrices[name]["spent"]}
+    bases = {name: compute_bases(targets[name].weight) for name in targets if not matrices[name].spent}
     svd_s = time.monotonic() - started
     parent_memory = getattr(constraint, "memory", {})
     if memory_batches and constraint.config.task_memory:
@@ -159,14 +166,14 @@ def record_version(
             b.memory = parent_memory.get(name)
     for name, b in bases.items():  # stored whole; the next job protects its strongest (Side.from_svd)
         if b.memory is not None:
-            matrices[name]["memory_directions"] = b.memory.shape[1]
+            matrices[name].memory_directions = b.memory.shape[1]
     uri = registry.store_bases(version, bases)
-    record = {"version": version, "parent_version": parent_version,
-              "tasks": [*constraint.parent_tasks, task_id], "bases_uri": uri,
-              "matrices": matrices, "svd_s": round(svd_s, 3),
-              "general_chat_memory": bool(getattr(constraint, "general_chat_memory", False))}
-    registry.put(record)
-    return record
+    record = SubspaceRecord(
+        version=version, parent_version=parent_version, tasks=[*constraint.parent_tasks, task_id], bases_uri=uri,
+        matrices=matrices, svd_s=round(svd_s, 3),
+        general_chat_memory=bool(getattr(constraint, "general_chat_memory", False)),
+        method="osft" if isinstance(constraint, SubspaceConstraint) else "full", config=constraint.config)
+    return registry.put(record)
 
 
 def _grow_memories(model, targets, bases: dict[str, Bases], parent_memory: dict, batches, config: OSFTConfig) -> None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sculptor.capacity import OSFTConfig, allocate_rank, is_spent
+from sculptor.subspace_records import SubspaceRecord
 from worker.osft.importance import matrix_importance, protected_ratios
 from worker.osft.optimizer import ProjectedAdamW
 from worker.osft.projector import Projector
@@ -32,19 +33,25 @@ class MatrixPlan:
 def plan_matrices(
     shapes: dict[str, tuple[int, int]],
     importance: dict[int, float],
-    parent_record: dict | None,
+    parent_record: SubspaceRecord | dict | None,
     config: OSFTConfig,
 ) -> dict[str, MatrixPlan]:
-    """Protected rank per matrix from importance, the number of absorbed tasks and the parent's ranks."""
+    """Protected rank per matrix from importance, the number of absorbed tasks and the parent's ranks.
+
+    `parent_record`: the parent's registry record, or (bench/bench_capacity.py, tests) just what planning
+    reads of one, {"tasks": [...], "matrices": {name: {"k": k}}}."""
+    if isinstance(parent_record, SubspaceRecord):
+        tasks_absorbed, floors = len(parent_record.tasks), {n: m.k for n, m in parent_record.matrices.items()}
+    else:
+        tasks_absorbed = len(parent_record["tasks"]) if parent_record else 0
+        floors = {n: m["k"] for n, m in (parent_record["matrices"] if parent_record else {}).items()}
     names = list(shapes)
     ratios = protected_ratios(names, importance, config)
     scores = matrix_importance(names, importance) if config.adaptive_ranks else dict.fromkeys(names)
-    tasks_absorbed = len(parent_record["tasks"]) if parent_record else 0
-    parent_matrices = parent_record["matrices"] if parent_record else {}
     plans = {}
     for name, shape in shapes.items():
         m = min(shape)
-        floor = parent_matrices.get(name, {}).get("k", 0)
+        floor = floors.get(name, 0)
         k = allocate_rank(m, ratios[name], tasks_absorbed, floor, config)
         plans[name] = MatrixPlan(m=m, k=k, protected_ratio=k / m, importance=scores[name],
                                  spent=is_spent(m, k, config))

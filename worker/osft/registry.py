@@ -70,9 +70,9 @@ class SubspaceRegistry(SubspaceRecords):
     def load_bases(self, version: str, names: list[str]) -> dict[str, Bases] | None:
         """The stored bases of `names`, or None when the record, the object or any matrix is missing."""
         record = self.get(version)
-        if not record or not record.get("bases_uri"):
+        if not record or not record.bases_uri:
             return None
-        key = self.store.key_of(record["bases_uri"])
+        key = self.store.key_of(record.bases_uri)
         if not self.store.exists(key):
             return None
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,8 +25,8 @@ import math
 import random
 
 import torch
-from pydantic import BaseModel
 
+from sculptor.training_summary import AutoChoice  # noqa: F401  (re-exported: the pipeline fills it)
 from worker.training.data import IGNORE_INDEX, TokenizedExample, collate, make_batches
 from worker.training.loop import NonFiniteLoss, train
 
@@ -38,15 +38,6 @@ MIN_STEPS = 32
 MAX_EPOCHS = 16
 PROBE_STEPS = 8
 VALIDATION_FRACTION, MIN_VALIDATION, MAX_VALIDATION = 0.1, 4, 32
-
-
-class AutoChoice(BaseModel):
-    learning_rate: float
-    epochs: int
-    steps: int
-    validation_examples: int
-    probe_validation_loss: dict[str, float]  # "start", then candidate rate -> answer loss after PROBE_STEPS steps
-    reason: str
 
 
 def validation_split(tokenized: list[TokenizedExample], seed: int) -> tuple[list, list]:

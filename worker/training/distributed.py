@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from sculptor.capacity import OSFTConfig
+from sculptor.subspace_records import SubspaceRecord
 from worker.osft.constraint import MatrixPlan, plan_matrices, require_capacity
 from worker.osft.importance import layer_importance
 from worker.osft.sharded import (
@@ -76,7 +77,7 @@ def split_batch(batch: dict[str, torch.Tensor], rank: int, world: int,
 
 
 def plan_on_rank0(model: torch.nn.Module, targets: dict[str, torch.nn.Linear],
-                  importance_batches: list[dict[str, torch.Tensor]], parent_record: dict | None,
+                  importance_batches: list[dict[str, torch.Tensor]], parent_record: SubspaceRecord | None,
                   config: OSFTConfig) -> dict[str, MatrixPlan]:
     """Protected ranks, decided once (the importance pass runs on rank 0) and sent to every rank."""
     plans = None
@@ -144,7 +145,7 @@ def train_sharded(
     steps_per_epoch: int,
     method: str = "osft",
     config: OSFTConfig | None = None,
-    parent_record: dict | None = None,
+    parent_record: SubspaceRecord | None = None,
     importance_steps: int = 4,
     bf16: bool = False,
     shard_right_bases: bool = False,
@@ -163,7 +164,7 @@ def train_sharded(
     targets = target_modules(model, config)
     if method == "osft":
         plans = plan_on_rank0(model, targets, batches[:importance_steps], parent_record, config)
-        require_capacity(plans, config, len((parent_record or {}).get("tasks", [])))  # same plans on every rank
+        require_capacity(plans, config, len(parent_record.tasks) if parent_record else 0)  # same plans on every rank
     else:
         plans = {name: MatrixPlan(m=min(module.weight.shape), k=0, protected_ratio=0.0, importance=None,
                                   spent=False) for name, module in targets.items()}

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from sculptor.accuracy import accuracy_matrix
 from sculptor.context import Context
+from sculptor.gate_report import LineageAccuracy
 from service.api.deps import get_ctx
 from service.api.errors import ApiError
 from service.api.security import require
@@ -25,7 +26,11 @@ STATIC_FILES = {"dashboard.html": "text/html", "dashboard.js": "text/javascript"
 router = APIRouter(tags=["dashboard"])
 
 
-@router.get("/accuracy", dependencies=[require("tasks")])
+class Accuracy(LineageAccuracy):
+    version: str  # the lineage's last version
+
+
+@router.get("/accuracy", dependencies=[require("tasks")], response_model=Accuracy)
 def accuracy(version: str | None = None, ctx: Context = Depends(get_ctx)):
     """R[version][task] over the lineage of `version` (default: the current version), with AA and BWT."""
     version = version or ctx.versions.current()
@@ -35,7 +40,7 @@ def accuracy(version: str | None = None, ctx: Context = Depends(get_ctx)):
     return {"version": version, **matrix}
 
 
-@router.get("/dashboard", include_in_schema=False)
+@router.get("/dashboard", include_in_schema=False, response_class=HTMLResponse)
 async def dashboard():
     return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 

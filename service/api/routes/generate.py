@@ -19,6 +19,9 @@ from service.engines.base import SamplingOptions
 from service.hotswap import ServingModel
 
 router = APIRouter(tags=["generate"])
+SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON; with `stream: true` server-sent events, "
+             "each `data` a JSON object {text, model_version} (the last one with finish_reason and usage), then "
+             "`[DONE]`"}}
 
 
 class ChatMessage(BaseModel):
@@ -48,7 +51,21 @@ class GenerateRequest(BaseModel):
         return SamplingOptions(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
 
 
-@router.post("/generate", dependencies=[require("generate", limit="generate", hold_slot=True)])
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateAnswer(BaseModel):
+    text: str
+    model_version: str  # the version that produced it (also the X-Model-Version header)
+    finish_reason: str | None
+    usage: Usage
+
+
+@router.post("/generate", dependencies=[require("generate", limit="generate", hold_slot=True)],
+             response_model=GenerateAnswer, responses=SSE)
 @cancel_on_disconnect
 async def generate(body: GenerateRequest, request: Request, response: Response,
                    serving: ServingModel = Depends(get_serving)):

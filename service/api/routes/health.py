@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
 import asyncio
 
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from sculptor.context import Context
 from sculptor.worker_heartbeat import alive_workers
 from service import metrics
 from service.api.deps import get_ctx, get_serving
 from service.hotswap import ServingModel
+from service.replicas import ReplicaStatus
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    """GET /readyz: 200 when ready, 503 with the same fields when not."""
+
+    ready: bool
+    engine_loaded: bool
+    serving_version: str | None
+    admitting: bool  # some replica admits new requests (not all of them mid-swap)
+    replicas: list[ReplicaStatus]
+    redis: bool
+    training_workers: list[str] | None = None  # workers with a live heartbeat (when Redis answered)
+    redis_error: str | None = None  # why Redis did not answer
+
+
+@router.get("/healthz", response_model=Health)
 async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness, response_model_exclude_unset=True,
+            responses={503: {"model": Readiness, "description": "not ready: Redis away, no engine, or mid-swap"}})
 def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     checks = {"engine_loaded": serving.ready, "serving_version": serving.version,
               "admitting": serving.pool.admitting, "replicas": serving.status()}
@@ -38,7 +59,8 @@ def readyz(response: Response, ctx: Context = Depends(get_ctx), serving: Serving
     return {"ready": ready, **checks}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def prometheus_metrics(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     metrics.refresh_engine_gauges(serving)
     try:

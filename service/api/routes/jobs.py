@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from sculptor import lineage
 from sculptor.context import Context
@@ -23,6 +24,30 @@ from service.api.security import Caller, require
 
 router = APIRouter(tags=["jobs"])  # plain `def` routes: FastAPI runs them in its threadpool, off the event loop
 status_reader = require("tasks")
+SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `Accept: text/event-stream` a "
+             "stream of the same events (`event`: the type, `id`: its seq)"}}
+
+
+class JobPage(BaseModel):
+    jobs: list[JobRecord]
+    total: int
+    offset: int
+
+
+class JobEvent(BaseModel):
+    """One recorded event: a status change (status, error) or a progress update (Progress's fields)."""
+
+    model_config = ConfigDict(extra="allow")
+    seq: int
+    type: Literal["status", "progress"]
+    at: float
+    status: str | None = None
+    error: str | None = None
+
+
+class JobEvents(BaseModel):
+    job_id: str
+    events: list[JobEvent]
 
 
 def _job_or_404(ctx: Context, job_id: str, caller: Caller) -> JobRecord:
@@ -32,7 +57,7 @@ def _job_or_404(ctx: Context, job_id: str, caller: Caller) -> JobRecord:
     return job
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=JobPage)
 def list_jobs(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500), status: str | None = None,
               task_id: str | None = None, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     owner = None if caller.is_admin else caller.name
@@ -40,12 +65,12 @@ def list_jobs(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=
     return {"jobs": [j.model_dump() for j in jobs], "total": total, "offset": offset}
 
 
-@router.get("/jobs/{job_id}", name="get_job")
+@router.get("/jobs/{job_id}", name="get_job", response_model=JobRecord)
 def get_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     return _job_or_404(ctx, job_id, caller).model_dump()
 
 
-@router.get("/jobs/{job_id}/events")
+@router.get("/jobs/{job_id}/events", response_model=JobEvents, response_model_exclude_unset=True, responses=SSE)
 def job_events(job_id: str, request: Request, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     _job_or_404(ctx, job_id, caller)
     if "text/event-stream" not in request.headers.get("accept", ""):
@@ -67,7 +92,7 @@ async def _stream_events(ctx: Context, job_id: str, request: Request):
         await asyncio.sleep(0.5)
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", response_model=JobRecord)
 def cancel_job(job_id: str, ctx: Context = Depends(get_ctx), caller: Caller = status_reader):
     job = _job_or_404(ctx, job_id, caller)
     if job.finished:
@@ -84,7 +109,7 @@ class PromoteRequest(BaseModel):
     force: bool = False
 
 
-@router.post("/jobs/{job_id}/promote")
+@router.post("/jobs/{job_id}/promote", response_model=JobRecord)
 def force_promote(job_id: str, body: PromoteRequest, ctx: Context = Depends(get_ctx),
                   caller: Caller = require("admin")):
     """Serve a rejected candidate anyway (admin). Recorded as forced in the lineage."""

@@ -5,19 +5,38 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends
+from pydantic import BaseModel
 
 from sculptor import lineage
 from sculptor.context import Context
-from sculptor.records import HeadMoved
+from sculptor.records import HeadMoved, ModelVersion
 from service.api.deps import get_ctx, get_serving
 from service.api.errors import ApiError
 from service.api.security import require
-from service.hotswap import ServingModel
+from service.hotswap import ServingModel, SwapRecord
+from service.replicas import ReplicaStatus
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/models", dependencies=[require("tasks")])
+class VersionView(ModelVersion):
+    current: bool  # the lineage's head
+    serving: bool  # a replica of this gateway holds it
+
+
+class Lineage(BaseModel):
+    current: str | None  # the lineage's head
+    serving: str | None  # what this gateway's replicas hold once no swap is under way
+    replicas: list[ReplicaStatus]
+    versions: list[VersionView]  # oldest first
+
+
+class Activated(BaseModel):
+    serving: str | None
+    swap: SwapRecord
+
+
+@router.get("/models", dependencies=[require("tasks")], response_model=Lineage)
 def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     current = ctx.versions.current()
     held = serving.pool.versions()  # more than one while a swap rolls through the replicas
@@ -26,7 +45,7 @@ def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = Depends
     return {"current": current, "serving": serving.version, "replicas": serving.status(), "versions": versions}
 
 
-@router.post("/models/{version}/activate", dependencies=[require("admin")])
+@router.post("/models/{version}/activate", dependencies=[require("admin")], response_model=Activated)
 async def activate(version: str, ctx: Context = Depends(get_ctx), serving: ServingModel = Depends(get_serving)):
     if await asyncio.to_thread(ctx.versions.get, version) is None:
         raise ApiError(404, "model_not_found", f"no promoted version {version!r}; see GET /models")

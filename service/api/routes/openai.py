@@ -39,6 +39,15 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 tokens_router = APIRouter(tags=["openai"])  # vLLM serves /tokenize and /detokenize without the /v1 prefix
 generation = [require("generate", limit="generate", hold_slot=True)]
 JsonObject = Annotated[dict[str, Any], Body()]
+# The answers of the routes below are vLLM's own protocol models (vllm.entrypoints.openai.*.protocol:
+# ChatCompletionResponse, CompletionResponse, TokenizeResponse, ...; on the transformers engine the
+# subset openai_fallback.py writes): their schema is vLLM's, so the routes declare response_model=None
+# and document the content types, JSON or (with `stream: true`) server-sent events of chunk objects.
+JSON_OR_SSE = {200: {"description": "the OpenAI answer as vLLM's protocol writes it (JSON), or with `stream: "
+                     "true` server-sent events, each `data` a chunk object, then `[DONE]`",
+                     "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}}
+VLLM_JSON = {200: {"description": "vLLM's own answer (vllm.entrypoints.serve.tokenize.protocol)",
+                   "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 class ModelCard(BaseModel):
@@ -67,7 +76,7 @@ async def list_models(ctx: Context = Depends(get_ctx), serving: ServingModel = D
     return ModelList(data=cards)
 
 
-@router.post("/chat/completions", dependencies=generation)
+@router.post("/chat/completions", dependencies=generation, response_model=None, responses=JSON_OR_SSE)
 @cancel_on_disconnect
 async def chat_completions(body: JsonObject, request: Request, serving: ServingModel = Depends(get_serving)):
     if serving.engine.openai is None:
@@ -80,7 +89,7 @@ async def chat_completions(body: JsonObject, request: Request, serving: ServingM
     return await _serve(serving, req, lambda layer: layer.chat(req, request))
 
 
-@router.post("/completions", dependencies=generation)
+@router.post("/completions", dependencies=generation, response_model=None, responses=JSON_OR_SSE)
 @cancel_on_disconnect
 async def completions(body: JsonObject, request: Request, serving: ServingModel = Depends(get_serving)):
     if serving.engine.openai is None:
@@ -95,7 +104,7 @@ async def completions(body: JsonObject, request: Request, serving: ServingModel 
     return await _serve(serving, req, lambda layer: layer.completion(req, request))
 
 
-@tokens_router.post("/tokenize", dependencies=[require("generate")])
+@tokens_router.post("/tokenize", dependencies=[require("generate")], response_model=None, responses=VLLM_JSON)
 async def tokenize(body: JsonObject, request: Request, serving: ServingModel = Depends(get_serving)):
     from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
 
@@ -106,7 +115,7 @@ async def tokenize(body: JsonObject, request: Request, serving: ServingModel = D
     return await _serve(serving, req, lambda layer: layer.tokenize(req, request))
 
 
-@tokens_router.post("/detokenize", dependencies=[require("generate")])
+@tokens_router.post("/detokenize", dependencies=[require("generate")], response_model=None, responses=VLLM_JSON)
 async def detokenize(body: JsonObject, request: Request, serving: ServingModel = Depends(get_serving)):
     from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest
 

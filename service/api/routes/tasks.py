@@ -18,7 +18,7 @@ from sculptor.config import Settings
 from sculptor.context import Context
 from sculptor.datasets import DatasetError, Example, Hyperparameters, Metric
 from sculptor.gate_report import GateThresholds
-from sculptor.records import ANONYMOUS, JobRecord, TaskRecord, new_id
+from sculptor.records import ANONYMOUS, JobRecord, JobStatus, TaskRecord, new_id
 from sculptor.splits import split_eval
 from sculptor.train_queue import enqueue
 from service.api.deps import get_ctx
@@ -62,7 +62,45 @@ UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/tasks", status_code=202, openapi_extra=UPLOAD_SCHEMA)
+class TaskAccepted(BaseModel):
+    """POST /tasks: the task and its job, queued."""
+
+    task_id: str
+    job_id: str
+    status: JobStatus
+    status_url: str  # GET /jobs/{job_id}
+    webhook_secret: str | None = None  # with a webhook_url only, and only in this answer: it signs the webhooks
+
+
+class TaskView(BaseModel):
+    """A task as the API shows it: webhook settings are write-only, where the datasets are stored is for admins."""
+
+    task_id: str
+    name: str
+    metric: Metric
+    digest: str
+    dataset_uri: str | None = None  # admins only
+    eval_uri: str | None = None  # admins only
+    num_examples: int
+    num_eval_examples: int
+    size_bytes: int
+    hyperparameters: Hyperparameters
+    owner: str
+    created_at: float
+    has_webhook: bool
+
+
+class TaskDetail(TaskView):
+    jobs: list[str]  # the task's job ids, oldest first
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskView]
+    total: int
+    offset: int
+
+
+@router.post("/tasks", status_code=202, openapi_extra=UPLOAD_SCHEMA, response_model=TaskAccepted)
 async def create_task(request: Request, ctx: Context = Depends(get_ctx),
                       caller: Caller = require("tasks", limit="upload")):
     submission = await read_submission(request, ctx.settings)
@@ -217,14 +255,14 @@ def task_view(task: TaskRecord, caller: Caller) -> dict:
     return {**task.model_dump(exclude=hidden), "has_webhook": bool(task.webhook_url)}
 
 
-@router.get("/tasks")
+@router.get("/tasks", response_model=TaskPage, response_model_exclude_unset=True)
 def list_tasks(offset: int = Query(0, ge=0, le=10**9), limit: int = Query(50, ge=1, le=500),
                ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
     tasks, total = ctx.tasks.page_for(offset, limit, owner=None if caller.is_admin else caller.name)
     return {"tasks": [task_view(t, caller) for t in tasks], "total": total, "offset": offset}
 
 
-@router.get("/tasks/{task_id}")
+@router.get("/tasks/{task_id}", response_model=TaskDetail, response_model_exclude_unset=True)
 def get_task(task_id: str, ctx: Context = Depends(get_ctx), caller: Caller = require("tasks")):
     task = ctx.tasks.get(task_id)
     if task is None or not caller.may_see(task.owner):
