@@ -57,20 +57,20 @@ class OSFTConfig:
             raise ValueError("memory_energy and memory_share must be in [0, 1]")
         re.compile(self.target_pattern)
 
+    # The knobs a task may set for itself (sculptor.datasets.Hyperparameters has a field of the same name for
+    # each, None meaning this default); the rest are the service's.
+    PER_TASK = ("mean_protected_ratio", "min_protected_ratio", "max_protected_ratio", "adaptive_ranks",
+                "task_memory", "memory_energy", "general_chat_memory")
+
     @classmethod
     def from_hyperparameters(cls, hp) -> "OSFTConfig":
-        """Overlay the task's hyperparameters (sculptor.datasets.Hyperparameters) on the defaults."""
-        mean = hp.mean_protected_ratio if hp.mean_protected_ratio is not None else cls.mean_protected_ratio
+        """The defaults with the task's own values (those it set) on top."""
+        given = {name: getattr(hp, name) for name in cls.PER_TASK if getattr(hp, name, None) is not None}
+        mean = given.get("mean_protected_ratio", cls.mean_protected_ratio)
         # A mean outside the default range widens the range rather than being refused.
-        low = hp.min_protected_ratio if hp.min_protected_ratio is not None else min(cls.min_protected_ratio, mean)
-        high = hp.max_protected_ratio if hp.max_protected_ratio is not None else max(cls.max_protected_ratio, mean)
-        adaptive = hp.adaptive_ranks if hp.adaptive_ranks is not None else cls.adaptive_ranks
-        memory = hp.task_memory if hp.task_memory is not None else cls.task_memory
-        energy = hp.memory_energy if hp.memory_energy is not None else cls.memory_energy
-        chat = getattr(hp, "general_chat_memory", None)
-        return cls(mean_protected_ratio=mean, min_protected_ratio=low, max_protected_ratio=high,
-                   adaptive_ranks=adaptive, task_memory=memory, memory_energy=energy,
-                   general_chat_memory=cls.general_chat_memory if chat is None else chat)
+        given.setdefault("min_protected_ratio", min(cls.min_protected_ratio, mean))
+        given.setdefault("max_protected_ratio", max(cls.max_protected_ratio, mean))
+        return cls(**given)
 
 
 def layer_index(name: str) -> int | None:

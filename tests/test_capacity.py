@@ -157,3 +157,20 @@ def test_a_spent_matrix_stops_while_the_others_train():
     constraint = SubspaceConstraint(layers, targets, plans, bases, config, ["t"], {}, False)
     assert constraint.report()["spent_matrices"] == ["model.layers.0.self_attn.q_proj"]
     assert constraint.trainable_parameters() == [layers[1].weight]
+
+
+def test_the_method_config_is_the_one_source_of_the_per_task_knobs():
+    """Each knob a task may set is an OSFTConfig field with a Hyperparameters field of the same name, and
+    a task's value wins over the default."""
+    import dataclasses
+
+    from sculptor.capacity import OSFTConfig
+    from sculptor.datasets import Hyperparameters
+
+    fields = {f.name for f in dataclasses.fields(OSFTConfig)}
+    assert set(OSFTConfig.PER_TASK) <= fields and set(OSFTConfig.PER_TASK) <= set(Hyperparameters.model_fields)
+    hp = Hyperparameters(mean_protected_ratio=0.98, task_memory=False, general_chat_memory=True)
+    config = OSFTConfig.from_hyperparameters(hp)
+    assert (config.mean_protected_ratio, config.task_memory, config.general_chat_memory) == (0.98, False, True)
+    assert config.max_protected_ratio == 0.98 and config.min_protected_ratio == OSFTConfig.min_protected_ratio
+    assert OSFTConfig.from_hyperparameters(Hyperparameters()) == OSFTConfig()

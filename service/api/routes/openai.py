@@ -106,9 +106,9 @@ async def completions(body: JsonObject, request: Request, serving: ServingModel 
 
 @tokens_router.post("/tokenize", dependencies=[require("generate")], response_model=None, responses=VLLM_JSON)
 async def tokenize(body: JsonObject, request: Request, serving: ServingModel = Depends(get_serving)):
+    _vllm_only(serving, "/tokenize")  # before importing vLLM, which a transformers-only install may lack
     from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
 
-    _vllm_only(serving, "/tokenize")
     req = _parse(TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest, body)
     texts = [_message_text(m) for m in req.messages] if "messages" in body else [req.prompt]
     check_request_size(serving.ctx.settings, None, [{"content": t} for t in texts], [])
@@ -117,9 +117,9 @@ async def tokenize(body: JsonObject, request: Request, serving: ServingModel = D
 
 @tokens_router.post("/detokenize", dependencies=[require("generate")], response_model=None, responses=VLLM_JSON)
 async def detokenize(body: JsonObject, request: Request, serving: ServingModel = Depends(get_serving)):
+    _vllm_only(serving, "/detokenize")
     from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest
 
-    _vllm_only(serving, "/detokenize")
     req = _parse(DetokenizeRequest, body)
     return await _serve(serving, req, lambda layer: layer.detokenize(req, request))
 
