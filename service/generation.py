@@ -14,6 +14,7 @@ from service import metrics
 from service.api.errors import ApiError
 from service.engines.base import Chunk, EmptyPrompt, PromptTooLong, SamplingOptions
 from service.hotswap import ServingModel
+from service.replicas import Replica
 from service.prompts import encode_prompt
 
 
@@ -42,15 +43,15 @@ def check_text(texts: list[str]) -> None:
                            f"(\\u{ord(text[at]):04x}) at character {at}: {HOW_TO_FIX}")
 
 
-def check_request_size(settings: Settings, prompt: str | None, messages: list[dict] | None, stop: list[str]) -> None:
-    """Bounds on what one request may ask of the engine, checked before anything is tokenized."""
-    if messages is not None and len(messages) > settings.max_chat_messages:
-        raise ApiError(400, "too_many_messages", f"the request has {len(messages)} messages; the limit is "
+def check_request_size(settings: Settings, texts: list[str], messages: int | None, stop: list[str]) -> None:
+    """Bounds on what one request may ask of the engine, checked before anything is tokenized: `texts` is the
+    prompt's text, or each message's (`messages` of them; None for a prompt)."""
+    if messages is not None and messages > settings.max_chat_messages:
+        raise ApiError(400, "too_many_messages", f"the request has {messages} messages; the limit is "
                        f"{settings.max_chat_messages} (SCULPTOR_MAX_CHAT_MESSAGES)")
-    texts = [prompt] if prompt is not None else [m["content"] for m in messages or []]
     size = sum(len(text.encode()) for text in texts)
     if size > settings.max_prompt_bytes:
-        what = "the prompt" if prompt is not None else "the messages' text"
+        what = "the prompt" if messages is None else "the messages' text"
         raise ApiError(413, "prompt_too_large", f"{what} is {size} bytes of UTF-8; the limit is "
                        f"{settings.max_prompt_bytes} (SCULPTOR_MAX_PROMPT_BYTES)")
     if len(stop) > MAX_STOP_SEQUENCES:
@@ -62,14 +63,46 @@ def check_request_size(settings: Settings, prompt: str | None, messages: list[di
                        f"the limit is {MAX_STOP_CHARS}")
 
 
-async def open_stream(serving: ServingModel, prompt: str | None, messages: list[dict] | None,
-                      options: SamplingOptions) -> Stream:
-    check_request_size(serving.ctx.settings, prompt, messages, options.stop)
+def check_ready(serving: ServingModel) -> None:
     if not serving.ready:
         raise ApiError(503, "engine_not_ready", "the model is still loading; retry in a few seconds")
-    cap = serving.ctx.settings.max_tokens_cap
-    if options.max_tokens > cap:
-        raise ApiError(400, "max_tokens_too_large", f"max_tokens is {options.max_tokens}; the limit is {cap}")
+
+
+def check_max_tokens(settings: Settings, max_tokens: int) -> None:
+    if max_tokens > settings.max_tokens_cap:
+        raise ApiError(400, "max_tokens_too_large", f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_cap}")
+
+
+def pinned_version(serving: ServingModel, model: str | None) -> str | None:
+    """The version a request's `model` names: None for any (None, `current` or the base model's name), else
+    that version, which a replica must hold (404 `model_not_found` otherwise, never another version's answer)."""
+    pinned = None if model in (None, "", "current", serving.ctx.settings.base_model_name) else model
+    if pinned is not None and pinned not in serving.pool.versions():
+        raise _not_found(serving, model)
+    return pinned
+
+
+async def acquire_replica(serving: ServingModel, model: str | None = None) -> Replica:
+    """A replica that admits requests and holds the version `model` names (see pinned_version)."""
+    try:
+        return await serving.pool.acquire(pinned_version(serving, model))  # mid-swap: waits for one
+    except LookupError:  # its replicas were swapped to another version while this request waited
+        raise _not_found(serving, model) from None
+
+
+def _not_found(serving: ServingModel, model: str | None) -> ApiError:
+    held = ", ".join(sorted(serving.pool.versions()))
+    return ApiError(404, "model_not_found", f"the model {model!r} is not served here: this gateway serves "
+                    f"'current' ({serving.version}) and {held}; GET /v1/models lists every version")
+
+
+async def open_stream(serving: ServingModel, prompt: str | None, messages: list[dict] | None,
+                      options: SamplingOptions, model: str | None = None) -> Stream:
+    pinned_version(serving, model)  # a version no replica holds is 404 before any other check
+    texts = [prompt] if messages is None else [m["content"] for m in messages]
+    check_request_size(serving.ctx.settings, texts, None if messages is None else len(messages), options.stop)
+    check_ready(serving)  # before encoding: the tokenizer comes with the first version
+    check_max_tokens(serving.ctx.settings, options.max_tokens)
     try:
         ids = await asyncio.to_thread(encode_prompt, serving.tokenizer, prompt, messages, options.max_tokens,
                                     serving.engine.max_model_len)
@@ -77,7 +110,7 @@ async def open_stream(serving: ServingModel, prompt: str | None, messages: list[
         raise ApiError(400, "context_length_exceeded", str(err)) from None
     except EmptyPrompt as err:
         raise ApiError(400, "empty_prompt", str(err)) from None
-    replica = await serving.pool.acquire()  # during a swap, waits for a replica that admits requests
+    replica = await acquire_replica(serving, model)
     request_id = uuid.uuid4().hex
     chunks = replica.engine.generate(ids, options, request_id)
     return Stream(replica.version, request_id, _counted(chunks, lambda: serving.pool.release(replica)))

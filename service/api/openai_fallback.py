@@ -108,24 +108,18 @@ def _parse(model: type[BaseModel], body: dict):
         raise RequestValidationError(err.errors(include_url=False, include_context=False)) from None
 
 
-def _check_model(serving: ServingModel, name: str) -> None:
-    if name not in ("current", serving.version, serving.ctx.settings.base_model_name, *serving.pool.versions()):
-        raise ApiError(404, "model_not_found", f"the model {name!r} is not served here: this gateway serves "
-                       f"'current' ({serving.version}); GET /v1/models lists every version")
-
-
 async def chat_completions(serving: ServingModel, body: dict):
     req = _parse(ChatRequest, body)
-    _check_model(serving, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    stream = await open_stream(serving, None, messages, req.options(serving.ctx.settings.default_max_tokens))
+    stream = await open_stream(serving, None, messages, req.options(serving.ctx.settings.default_max_tokens),
+                               model=req.model)
     return await _answer(stream, req, chat=True)
 
 
 async def completions(serving: ServingModel, body: dict):
     req = _parse(CompletionRequest, body)
-    _check_model(serving, req.model)
-    stream = await open_stream(serving, req.text(), None, req.options(serving.ctx.settings.default_max_tokens))
+    stream = await open_stream(serving, req.text(), None, req.options(serving.ctx.settings.default_max_tokens),
+                               model=req.model)
     return await _answer(stream, req, chat=False)
 
 

@@ -31,9 +31,8 @@ from service.api.deps import get_ctx, get_serving
 from service.api.disconnect import cancel_on_disconnect
 from service.api.errors import ApiError
 from service.api.security import require
-from service.generation import check_request_size, check_text
+from service.generation import acquire_replica, check_max_tokens, check_ready, check_request_size, check_text
 from service.hotswap import ServingModel
-from service.replicas import Replica
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 tokens_router = APIRouter(tags=["openai"])  # vLLM serves /tokenize and /detokenize without the /v1 prefix
@@ -111,7 +110,7 @@ async def tokenize(body: JsonObject, request: Request, serving: ServingModel = D
 
     req = _parse(TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest, body)
     texts = [_message_text(m) for m in req.messages] if "messages" in body else [req.prompt]
-    check_request_size(serving.ctx.settings, None, [{"content": t} for t in texts], [])
+    check_request_size(serving.ctx.settings, texts, len(texts) if "messages" in body else None, [])
     return await _serve(serving, req, lambda layer: layer.tokenize(req, request))
 
 
@@ -151,8 +150,7 @@ def _bound(settings: Settings, req, texts: list[str], messages: list | None, pro
     """What one request may ask of the engine, checked before vLLM renders or tokenizes anything."""
     check_text(texts)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    check_request_size(settings, None if messages is not None else "".join(texts),
-                       [{"content": t} for t in texts] if messages is not None else None, stop)
+    check_request_size(settings, texts, None if messages is None else len(messages), stop)
     completions = (req.n or 1) * prompts
     if completions > settings.max_completions_per_request:
         raise ApiError(400, "too_many_completions", f"the request asks for {completions} completions (n times "
@@ -161,17 +159,16 @@ def _bound(settings: Settings, req, texts: list[str], messages: list | None, pro
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if asked is None:
         req.max_tokens = settings.default_max_tokens
-    elif asked > settings.max_tokens_cap:
-        raise ApiError(400, "max_tokens_too_large", f"max_tokens is {asked}; the limit is {settings.max_tokens_cap}")
+    else:
+        check_max_tokens(settings, asked)
 
 
 async def _serve(serving: ServingModel, req, call: Callable[[Any], Awaitable[Any]]):
     """Run `call` on vLLM's layer of a replica that holds the requested version, and label its answer."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    if not serving.ready:
-        raise ApiError(503, "engine_not_ready", "the model is still loading; retry in a few seconds")
-    replica = await _replica_for(serving, req.model)
+    check_ready(serving)
+    replica = await acquire_replica(serving, req.model)
     req.model = None  # vLLM then answers under the replica's served name: the version it holds
     if hasattr(req, "cache_salt"):  # a cached block is reused only under the weights that computed it
         req.cache_salt = f"w{replica.engine.weights_load}" + (f"-{req.cache_salt}" if req.cache_salt else "")
@@ -187,16 +184,6 @@ async def _serve(serving: ServingModel, req, call: Callable[[Any], Awaitable[Any
         raise ApiError(answer.error.code, _error_code(answer.error.type), answer.error.message)
     version = getattr(answer, "model", None) or replica.version
     return JSONResponse({**answer.model_dump(), "model_version": version}, headers={"X-Model-Version": version})
-
-
-async def _replica_for(serving: ServingModel, name: str | None) -> Replica:
-    pinned = None if name in (None, "", "current", serving.ctx.settings.base_model_name) else name
-    try:
-        return await serving.pool.acquire(pinned)
-    except LookupError:
-        held = ", ".join(sorted(serving.pool.versions()))
-        raise ApiError(404, "model_not_found", f"the model {name!r} is not served here: this gateway serves "
-                       f"'current' ({serving.version}) and {held}; GET /v1/models lists every version") from None
 
 
 _MODEL_FIELD = re.compile(r'"model":"([^"]*)"')
