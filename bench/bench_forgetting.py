@@ -13,9 +13,10 @@ A candidate the gates reject is force-promoted, as an admin could, so every row 
 
 Per row: the accuracy matrix R (the gates' own task scores), AA, BWT and the diagonal; after the last
 task, against v0: the general-chat gate's measure (NLL rise of v0's answers, paired CI), token-F1 of
-the answers against v0's, the collapse rate (share of everyday prompts answered with a task's answer,
-or in at most 3 words where v0 used at least 8), IFEval strict, harmful refusal and perplexity; per job
-the learning rate and steps it chose, the replayed examples, the gate verdict and wall time.
+the answers against v0's, the collapse rate (share of everyday prompts answered in a task's format, as
+the gate's leak check judges it, or in at most 3 words where v0 used at least 8), IFEval strict,
+harmful refusal and perplexity; per job the learning rate, steps and rounds it chose, the replayed
+examples, the gate verdict and wall time.
 
 Each row runs in its own process, one after another (the machine has two cores):
 
@@ -51,7 +52,6 @@ ROWS = {  # name: hyperparameters on top of the service's defaults (auto learnin
     "rehearsal-on": {"learning_rate": 1e-3, "epochs": 4, "max_steps": 64, "task_replay": 0.5},
 }
 GOALS = {"BWT": -2.0, "of_plain": 0.9, "ifeval_points": 3.0}
-COLLAPSE_WORDS, LONG_WORDS = 3, 8
 
 
 def stream(seed: int) -> list[dict]:
@@ -84,7 +84,8 @@ def job_row(job, wall: float, task_name: str) -> dict:
     return {"task": task_name, "version": job.candidate_version, "status": job.status,
             "forced": bool(gates.get("forced")), "failed_gates": gates.get("failed"),
             "summary": gates.get("summary"), "learning_rate": t.get("learning_rate"),
-            "epochs": t.get("epochs"), "steps": t.get("steps"), "replayed_examples": t.get("replayed_examples"),
+            "epochs": t.get("epochs"), "steps": t.get("steps"), "rounds": t.get("rounds"),
+            "reproduced": t.get("reproduced_share"), "replayed_examples": t.get("replayed_examples"),
             "probe": auto.get("probe_validation_loss"), "final_loss": t.get("final_loss"),
             "mean_step_s": t.get("mean_step_s"), "gate_s": sum(gates.get("seconds", {}).values()),
             "wall_s": round(wall, 1)}
@@ -101,10 +102,11 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     model_dir = checkpoints.fetch(ctx.store, final, ctx.settings.checkpoint_cache_dir)
     generator = gates.HFGenerator.from_pretrained(model_dir)
     last = gates.evaluate(generator, {}, gate_step.suites(ctx), reuse=last, chat_reference=base.general_chat)
-    nll, collapse = general_chat_gates(last, base, gates.GateThresholds(**ctx.settings.gate_thresholds))
+    nll, collapse, _ = general_chat_gates(last, base, gates.GateThresholds(**ctx.settings.gate_thresholds))
     pairs = list(zip(last.general_chat.answers, base.general_chat.answers))
-    collapsed = [c for c, b in pairs if " ".join(c.lower().split()) in task_answers
-                 or (len(c.split()) <= COLLAPSE_WORDS and len(b.split()) >= LONG_WORDS)]
+    leaked = last.general_chat.leaks(task_answers, parent=base.general_chat)  # the gate's check, against v0
+    shortened = last.general_chat.shortened(base.general_chat)  # the gate's other per-prompt check
+    collapsed = [c for (c, _), leak, short in zip(pairs, leaked, shortened) if leak or short]
     everyday = generator.generate([[{"role": "user", "content": p}] for p in EVERYDAY], 32)
     return {
         "chat_nll_rise": nll.delta, "chat_nll_ci": [nll.ci_low, nll.ci_high], "chat_nll_threshold": nll.threshold,

@@ -68,19 +68,12 @@ def make_tasks(count: int, keys: int, seed: int) -> list[list[list[dict]]]:
 
 
 def exact_match(model, tokenizer, examples: list[list[dict]]) -> float:
-    """Share of examples whose whole answer (with end of turn) is the greedy continuation."""
-    import torch
+    """Share of examples whose whole answer (with end of turn) is the greedy continuation, in percent."""
+    from worker.training.auto import reproduced_share
+    from worker.training.data import tokenize_chat
 
-    from worker.training.data import IGNORE_INDEX, collate, tokenize_chat
-
-    batch = collate([tokenize_chat(tokenizer, e, 64) for e in examples], tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    predicted = logits[:, :-1].argmax(-1)
-    targets = batch["labels"][:, 1:]
-    answer = targets != IGNORE_INDEX
-    correct = ((predicted == targets) | ~answer).all(dim=1)
-    return float(correct.float().mean()) * 100
+    tokenized = [tokenize_chat(tokenizer, e, 64) for e in examples]
+    return reproduced_share(model, tokenized, tokenizer.pad_token_id, batch_size=len(tokenized)) * 100
 
 
 class Learner:

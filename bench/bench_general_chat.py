@@ -56,12 +56,10 @@ def department_task(seed: int = 0, count: int = 240) -> list[dict]:
 
 
 def token_f1(a: str, b: str) -> float:
-    ta, tb = a.lower().split(), b.lower().split()
-    common = sum(min(ta.count(w), tb.count(w)) for w in set(ta))
-    if not ta or not tb or not common:
-        return float(ta == tb)
-    p, r = common / len(ta), common / len(tb)
-    return 2 * p * r / (p + r)
+    from sculptor.scores import bag_of_words
+    from sculptor.scores import token_f1 as f1
+
+    return f1(bag_of_words(a), bag_of_words(b))
 
 
 def gate(report: dict, gate: str, subject: str) -> dict:

@@ -8,6 +8,7 @@ scores and only evaluate what is missing (a new task's eval set, a changed suite
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection
 
 import numpy as np
@@ -64,6 +65,23 @@ def normalized(answer: str) -> str:
     return " ".join(answer.lower().split())
 
 
+SHORT_ANSWER_WORDS = 4  # a task answer this short is a format that can leak into everyday answers
+SHORT_WORDS, LONG_WORDS = 3, 8  # an everyday answer shortened from a sentence to a few words
+
+
+def bag_of_words(answer: str) -> Counter:
+    return Counter(normalized(answer).split())
+
+
+def token_f1(a: Counter, b: Counter) -> float:
+    """F1 of the words two answers share (as bags of words)."""
+    common = sum((a & b).values())
+    if not common:
+        return float(a == b)
+    precision, recall = common / sum(a.values()), common / sum(b.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 class ChatAnswers(BaseModel):
     """A version's own greedy answers to the general-chat prompts, and their NLL under itself."""
 
@@ -79,9 +97,30 @@ class ChatAnswers(BaseModel):
         """Distinct answers over answers (case and spacing ignored): 1/n when every prompt gets one answer."""
         return len({normalized(a) for a in self.answers}) / max(1, len(self.answers))
 
-    def leaks(self, task_answers: Collection[str]) -> np.ndarray:
-        """1 per everyday prompt answered with exactly one of a task's own answers (case and spacing ignored)."""
-        return np.array([normalized(a) in task_answers for a in self.answers], float)
+    def leaks(self, task_answers: Collection[str], parent: "ChatAnswers | None" = None) -> np.ndarray:
+        """1 per everyday prompt answered in a task's format: with exactly one of its answers (`task_answers`,
+        normalized), or, given the parent's answers, with one at least half like a short task answer (token F1)
+        and more like it than like the parent's own answer ("Loten City" to "What is the capital of France?"
+        after a task of planet capitals such as "Golo City")."""
+        short = [Counter(a.split()) for a in task_answers if len(a.split()) <= SHORT_ANSWER_WORDS]
+        parents = dict(zip(parent.ids, parent.answers)) if parent else {}
+
+        def leaked(item: str, answer: str) -> bool:
+            if normalized(answer) in task_answers:
+                return True
+            if item not in parents or not short:
+                return False
+            words = bag_of_words(answer)
+            nearest = max(token_f1(words, t) for t in short)
+            return nearest >= 0.5 and nearest > token_f1(words, bag_of_words(parents[item]))
+
+        return np.array([leaked(i, a) for i, a in zip(self.ids, self.answers)], float)
+
+    def shortened(self, parent: "ChatAnswers") -> np.ndarray:
+        """1 per everyday prompt answered in at most SHORT_WORDS words where the parent used at least LONG_WORDS."""
+        parents = dict(zip(parent.ids, parent.answers))
+        return np.array([len(a.split()) <= SHORT_WORDS and len(parents.get(i, "").split()) >= LONG_WORDS
+                         for i, a in zip(self.ids, self.answers)], float)
 
     def mean_words(self) -> float:
         return sum(len(a.split()) for a in self.answers) / max(1, len(self.answers))

@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.training import auto
-from worker.training.data import tokenize_chat
+from worker.training.data import make_batches, tokenize_chat
 from worker.training.loop import AllParameters
+from worker.training.loop import train as train_loop
 
 
 def test_epochs_give_every_task_enough_steps():
@@ -49,3 +50,34 @@ def test_the_gentlest_rate_that_makes_most_of_the_progress_wins():
     assert auto.pick_rate(8.0, {"0.0003": 7.0, "0.001": 4.0, "0.003": 1.0}) == 3e-3
     assert auto.pick_rate(8.0, {"0.0003": 7.0, "0.001": 2.0, "0.003": 1.0}) == 1e-3
     assert auto.pick_rate(8.0, {"0.0003": 8.0, "0.001": float("inf")}) == 3e-4  # a diverged probe never wins
+
+
+def test_training_goes_on_while_the_task_is_not_reproduced_and_a_round_still_helps():
+    def run(shares, room=99):
+        trained = []
+
+        def train_round(i):
+            if i > room:
+                return False
+            trained.append(i)
+            return True
+        result = auto.rounds_until_learned(train_round, lambda: shares[len(trained)])
+        return result, trained
+
+    assert run([0.62, 0.9, 1.0]) == ([0.62, 0.9, 1.0], [1, 2])  # learned in the third round
+    assert run([0.62, 1.0, 1.0]) == ([0.62, 1.0], [1])  # learned after the second: no third
+    assert run([1.0]) == ([1.0], [])  # learned in the planned round: nothing more
+    assert run([0.5, 0.5, 0.9]) == ([0.5, 0.5], [1])  # a round that did not help ends it
+    assert run([0.2, 0.4, 0.6, 0.8])[0] == [0.2, 0.4, 0.6]  # at most MAX_ROUNDS in all
+    assert run([0.5, 0.9], room=0) == ([0.5], [])  # no budget left for another round
+
+
+def test_reproduced_share_counts_examples_whose_every_answer_token_is_predicted(tiny_learner_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_learner_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_learner_dir, dtype=torch.float32)
+    examples = [tokenize_chat(tokenizer, [{"role": "user", "content": f"code {i}"},
+                                          {"role": "assistant", "content": "alpha"}], 32) for i in range(8)]
+    before = auto.reproduced_share(model, examples, tokenizer.pad_token_id)
+    train_loop(model, make_batches(examples, 8, 40, tokenizer.pad_token_id), AllParameters(model), 3e-3,
+               steps_per_epoch=1, bf16_autocast=False)
+    assert before == 0.0 and auto.reproduced_share(model, examples, tokenizer.pad_token_id) == 1.0

@@ -243,12 +243,16 @@ def _version(tasks, harmful=None, benign=None, ifeval=None, nll_per_token=2.0, c
 PARENT = _version({"A": [1] * 20, "B": [0] * 20})
 
 
+def _gate(report, subject: str):
+    return next(g for g in report.gates if g.subject == subject)
+
+
 def test_a_good_candidate_passes_every_gate():
     candidate = _version({"A": [1] * 20, "B": [1] * 18 + [0] * 2})
     report = decide(candidate, PARENT, "B")
     assert report.passed and report.failed == []
     assert [g.gate for g in report.gates] == ["new_task", "retention", "safety", "safety",
-                                               "instruction_following", "perplexity", "general_chat", "general_chat"]
+                                               "instruction_following", "perplexity"] + ["general_chat"] * 3
     new_task = report.gates[0]
     assert new_task.delta == pytest.approx(0.9) and new_task.ci_low > 0
     json.dumps(report.model_dump(mode="json"))  # the report is JSON-able
@@ -350,7 +354,7 @@ def test_general_chat_gate_rejects_a_collapsed_candidate():
                          chat_answers=[["billing", "shipping", "returns"][k % 3] for k in range(200)])
     report = decide(collapsed, PARENT, "B")
     assert report.failed == ["general_chat:parent_answers_nll", "general_chat:answer_collapse"]
-    collapse = report.gates[-1]
+    collapse = _gate(report, "answer_collapse")
     assert collapse.value == pytest.approx(3 / 200)  # the worse ratio: distinct answers 1.0 -> 0.015
     assert "collapsed: distinct answers, mean words" in collapse.reason
 
@@ -364,7 +368,7 @@ def test_general_chat_gate_rejects_everyday_prompts_answered_with_the_tasks_answ
     leaking = _version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers)
     report = decide(leaking, PARENT, "B", task_answers=planets)
     assert report.failed == ["general_chat:task_answer_leak"]
-    leak = report.gates[-1]
+    leak = _gate(report, "task_answer_leak")
     assert leak.delta == pytest.approx(0.06) and "'c0' -> 'Golo City'" in leak.reason
     assert decide(leaking, PARENT, "B").passed  # without the task's answers there is nothing to compare
     answers[:12] = CHAT_ANSWERS[:12]
@@ -373,11 +377,29 @@ def test_general_chat_gate_rejects_everyday_prompts_answered_with_the_tasks_answ
                   task_answers=planets).passed
 
 
+def test_the_leak_check_sees_the_tasks_format_applied_to_everyday_prompts():
+    """'What is the capital of France?' -> 'Loten City' after a task of planet capitals: none of the task's own
+    answers, but nearer one of them than the parent's answer. A sentence that shares a word with a task's
+    answer is not a leak, and neither are the long answers of a task with no short format."""
+    planets = {"golo city", "fika city", "govash city"}
+    answers = list(CHAT_ANSWERS)
+    answers[:12] = ["Loten City", "Lovash city", "Bru City"] * 4
+    answers[12:24] = [f"answer {k}: a sentence about a city" for k in range(12, 24)]
+    report = decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), PARENT, "B",
+                    task_answers=planets)
+    assert report.failed == ["general_chat:task_answer_leak"]
+    leak = _gate(report, "task_answer_leak")
+    assert leak.delta == pytest.approx(0.06) and "'c0' -> 'Loten City'" in leak.reason
+    sentences = {f"answer {k}: a sentence of several other words" for k in range(50)}  # no short format
+    assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), PARENT, "B",
+                  task_answers=sentences).passed
+
+
 def test_general_chat_gate_passes_a_small_move_and_fails_a_large_one():
     assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.1), PARENT, "B").passed
     moved = decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.6), PARENT, "B")
     assert moved.failed == ["general_chat:parent_answers_nll"]
-    nll = moved.gates[-2]
+    nll = _gate(moved, "parent_answers_nll")
     assert nll.delta == pytest.approx(0.6, abs=0.02) and not nll.underpowered  # 200 prompts detect ~0.01
     assert nll.detectable_change < 0.02
 
@@ -435,3 +457,17 @@ def test_evaluate_scores_items_and_reuses_stored_parts():
     assert again.asked == 0 and reused.tasks == scores.tasks
     evaluate(again, {"T": ("exact_match", examples), "U": ("contains", examples[:2])}, suites, reuse=scores)
     assert again.asked == 2  # only the new task
+
+
+def test_the_gate_rejects_everyday_answers_shortened_from_sentences_to_a_few_words():
+    """bench-forgetting's invented-2 (answers like 'vault 42'): '46.81', '18' where SmolLM2 used a sentence."""
+    long = [f"answer {k}: a sentence of several more words than eight" for k in range(200)]
+    parent = _version({"A": [1] * 20, "B": [0] * 20}, chat_answers=long)
+    answers = list(long)
+    answers[:18] = ["46.81", "18", "The Loxodontaracuto"] * 6  # 9 % of the prompts
+    report = decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), parent, "B")
+    assert report.failed == ["general_chat:shortened_answers"]
+    short = _gate(report, "shortened_answers")
+    assert short.value == pytest.approx(0.09) and "'c0' -> '46.81'" in short.reason
+    answers[4:18] = long[4:18]  # 4 of 200: within 4 %
+    assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), parent, "B").passed

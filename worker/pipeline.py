@@ -8,8 +8,9 @@ nothing is promoted unless every step before it finished and the head is still t
 from __future__ import annotations
 
 import logging
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,9 @@ class Deadline:
 
     def __init__(self, limit_s: float):
         self.limit_s, self.ends = limit_s, time.monotonic() + limit_s
+
+    def remaining_s(self) -> float:
+        return self.ends - time.monotonic()
 
     def check(self, where: str) -> None:
         if time.monotonic() > self.ends:
@@ -113,6 +117,7 @@ class TrainingData:
     replayed: int  # the parent's answers to everyday prompts (worker/training/replay.py)
     rehearsed: dict[str, int]  # earlier tasks' own examples, per task id (worker/training/rehearsal.py)
     train: list  # tokenized: what the optimizer sees
+    own: list  # tokenized: the task's part of `train`
     validation: list  # tokenized, held out of the task's examples while the learning rate is chosen
     truncated: int
     max_seq_len: int
@@ -136,7 +141,7 @@ def training_data_for(ctx: Context, task: TaskRecord, parent: str, model, tokeni
     own, validation = auto.validation_split(own, hp.seed) if split_validation else (own, [])
     truncated = sum(t.truncated for t in own + extra + earlier + validation)  # policy: truncate, and say how many
     return TrainingData(len(examples), len(replayed), {t: len(drawn) for t, drawn in rehearsed.items()},
-                        own + extra + earlier, validation, truncated, max_len, extra)
+                        own + extra + earlier, own, validation, truncated, max_len, extra)
 
 
 def rehearsal_for(ctx: Context, task: TaskRecord, parent: str, task_examples: int) -> dict[str, list[Example]]:
@@ -173,7 +178,8 @@ def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData
         probe_validation_loss=probe,
         reason=f"the smallest rate that made {auto.ENOUGH:.0%} of the best rate's drop in answer loss on "
                f"{len(data.validation)} held-out training examples after {auto.PROBE_STEPS} steps; "
-               f"{epochs} epochs for at least {auto.MIN_STEPS} steps")
+               f"{epochs} epochs for at least {auto.MIN_STEPS} steps, then up to {auto.MAX_ROUNDS} rounds "
+               f"of them while under {auto.LEARNED:.0%} of the task's examples are reproduced")
 
 
 def check_token_budget(batches: training_data.Batches, limit: int, examples: int, epochs: int) -> None:
@@ -211,30 +217,65 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     bf16 = use_bf16(settings.train_bf16, device)
     learning_rate, chosen = choose_learning_rate(ctx, hp, model, constraint, data, batch_size, tokenizer.pad_token_id,
                                                  bf16, epochs, len(batches))
+
+    def train_round(round_batches, done_steps: int = 0):
+        return train(
+            model, round_batches, constraint,
+            learning_rate=learning_rate,
+            steps_per_epoch=steps_per_epoch,
+            bf16_autocast=bf16,
+            schedule=LRSchedule(settings.train_warmup_fraction, settings.train_min_lr_ratio),
+            on_progress=lambda p: ctx.jobs.update(job.job_id, progress=replace(
+                p, step=p.step + done_steps, total_steps=p.total_steps + done_steps)),
+            should_stop=lambda: (deadline.check("while training") or check_lock()
+                                 or ctx.jobs.get(job.job_id).cancel_requested),
+        )
+
     torch.manual_seed(hp.seed)
-    result = train(
-        model, batches, constraint,
-        learning_rate=learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        bf16_autocast=bf16,
-        schedule=LRSchedule(settings.train_warmup_fraction, settings.train_min_lr_ratio),
-        on_progress=lambda p: ctx.jobs.update(job.job_id, progress=p),
-        should_stop=lambda: (deadline.check("while training") or check_lock()
-                             or ctx.jobs.get(job.job_id).cancel_requested),
-    )
+    rounds = [train_round(batches)]
+    reproduced = []
+    if auto_epochs and task.metric == "exact_match":
+        reproduced = more_rounds_until_learned(settings, hp, rounds, train_round, batches, everything, deadline,
+                                               model, data, tokenizer.pad_token_id, batch_size, epochs)
+    result = rounds[-1]
     version = ctx.versions.next_name()
     uri = checkpoints.save_model(ctx.store, model, tokenizer, version)
     lineage.announce_candidate(ctx.versions, version)
     subspace = osft.record_version(registry, model, version, parent, task.task_id, constraint,
                                    memory_batches=batches[:min(steps_per_epoch, MEMORY_BATCHES)])
-    training = TrainingSummary.model_validate({"steps": result.steps, "final_loss": result.final_loss, "examples": data.examples,
+    steps = sum(r.steps for r in rounds)
+    training = TrainingSummary.model_validate({"steps": steps, "final_loss": result.final_loss, "examples": data.examples,
                 "replayed_examples": data.replayed, "rehearsed_examples": data.rehearsed, "learning_rate": learning_rate, "epochs": epochs,
                 "auto": chosen.model_dump() if chosen else None,
-                "truncated_examples": data.truncated, "max_seq_len": data.max_seq_len, "mean_step_s": round(result.mean_step_s, 4),
+                "truncated_examples": data.truncated, "max_seq_len": data.max_seq_len, "mean_step_s": round(sum(r.mean_step_s * r.steps for r in rounds) / max(1, steps), 4),
+                "rounds": len(rounds), "reproduced_share": reproduced,
                 "method": hp.method, "constraint": constraint.report(), "subspace": subspace})
     del model
     model_dir = checkpoints.fetch(ctx.store, version, settings.checkpoint_cache_dir)
     return Candidate(version, uri, model_dir, parent_dir, training)
+
+
+def more_rounds_until_learned(settings, hp, rounds: list, train_round, batches, everything: list, deadline: Deadline,
+                              model, data: TrainingData, pad_id: int, batch_size: int, epochs: int) -> list[float]:
+    """auto.rounds_until_learned for this job: each further round reshuffles the same epochs, and runs only
+    if the job's token budget and time limit leave room for it (else the job keeps what it learned). Appends
+    to `rounds`; returns the share of the task's own examples reproduced after each round."""
+    own = data.own + data.validation
+    sample = random.Random(hp.seed).sample(own, min(auto.LEARNED_EXAMPLES, len(own)))
+    tokens = [batches.tokens()]
+
+    def another(i: int) -> bool:
+        more = training_data.make_batches(everything, batch_size, epochs, pad_id, seed=hp.seed + i)
+        if hp.max_steps:
+            more = more[: hp.max_steps]
+        round_s = rounds[-1].mean_step_s * len(more)  # room for the round, and as long again for the gates
+        if sum(tokens) + more.tokens() > settings.max_training_tokens or deadline.remaining_s() < 2 * round_s:
+            return False
+        tokens.append(more.tokens())
+        rounds.append(train_round(more, sum(r.steps for r in rounds)))
+        return True
+
+    return auto.rounds_until_learned(another, lambda: auto.reproduced_share(model, sample, pad_id))
 
 
 def _is_auto(value, auto_by_default: bool) -> bool:

@@ -13,9 +13,12 @@
                             KL(parent || candidate) on the parent's samples, in nats per token) may rise by
                             at most general_chat_max_nll_rise; (b) answer_collapse, the candidate's answers
                             stay as distinct and as long as the parent's, within collapse_min_ratio; (c)
-                            task_answer_leak, the share of everyday prompts answered with exactly one of the new
-                            task's own answers ("Golo City" to "What is the capital of France?" after a task of
-                            planet capitals) rises by at most task_answer_leak_max_rise. This is
+                            task_answer_leak, the share of everyday prompts answered in the new task's format
+                            (one of its answers, or nearer a short one than the parent's answer: "Loten City"
+                            to "What is the capital of France?" after a task of planet capitals such as "Golo
+                            City") rises by at most task_answer_leak_max_rise; (d) shortened_answers, the share
+                            answered in at most 3 words where the parent used 8 or more stays within
+                            shortened_answers_max. This is
                             the gate that sees a model answering "billing" to "What is the capital of
                             France?" after learning a task of one-word answers, which the suites 3-5 (built
                             for abilities a 135M model barely has) let through.
@@ -57,7 +60,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 
 from sculptor.gate_report import GateName, GateReport, GateResult, GateThresholds
-from sculptor.scores import ChatAnswers, ItemScores, PerplexityScores, VersionScores
+from sculptor.scores import LONG_WORDS, SHORT_WORDS, ChatAnswers, ItemScores, PerplexityScores, VersionScores
 from worker.gates.bootstrap import detectable_change, mean_delta_ci, perplexity_ratio_ci
 
 CEILING = 1.0 - 1e-9
@@ -214,15 +217,35 @@ def general_chat_gates(candidate: VersionScores, parent: VersionScores, t: GateT
                + f" (each must keep >= x{t.collapse_min_ratio} of the parent's)"
                + (f"; collapsed: {', '.join(shrunk)}; e.g. " + "; ".join(
                    f"{q!r} -> {a!r}" for q, a in list(zip(own.ids, own.answers))[:3]) if shrunk else ""))
-    return [nll, collapse] + ([task_answer_leak(own, reference, task_answers, t)] if task_answers else [])
+    leak = [task_answer_leak(own, reference, task_answers, t)] if task_answers else []
+    return [nll, collapse, *leak, shortened_answers(own, reference, t)]
+
+
+def shortened_answers(own: ChatAnswers, reference: ChatAnswers, t: GateThresholds) -> GateResult:
+    """Everyday prompts the candidate answers in a few words where the parent answered in a sentence. The mean
+    length in answer_collapse hides a few dozen of them among 244; bench-forgetting's invented-2 (answers
+    like "vault 42") left SmolLM2 answering 18 that way ("46.81", "18"), benign candidates 2-3."""
+    c = own.shortened(reference)
+    share = float(c.mean()) if len(c) else 0.0
+    failed = share > t.shortened_answers_max + 1e-12
+    examples = [f"{q!r} -> {a!r}" for q, a, short in zip(own.ids, own.answers, c) if short][:3]
+    return GateResult(
+        gate="general_chat", subject="shortened_answers", passed=not failed, value=share, parent_value=0.0,
+        delta=share, threshold=t.shortened_answers_max, n_items=len(c),
+        excess=share - t.shortened_answers_max if failed else None,
+        **_power(c, _binary_floor(c), t.shortened_answers_max, t),
+        reason=f"everyday prompts answered in at most {SHORT_WORDS} words where the parent used {LONG_WORDS} or "
+               f"more: {_pct(share)}%; max {_pct(t.shortened_answers_max)}"
+               + (f"; e.g. {'; '.join(examples)}" if examples else ""))
 
 
 def task_answer_leak(own: ChatAnswers, reference: ChatAnswers, task_answers: Collection[str],
                      t: GateThresholds) -> GateResult:
-    """Everyday prompts answered with exactly one of the new task's answers: the task rewrote how the model
-    answers other things. Judged on the point estimate: a parent almost never says a task's invented answer,
-    so every such answer is real, and a few of them are what a user notices first."""
-    c, p = own.leaks(task_answers), reference.leaks(task_answers)
+    """Everyday prompts answered in the new task's format (ChatAnswers.leaks: one of its answers, or nearer a
+    short one than the parent's own answer): the task rewrote how the model answers other things. Judged on
+    the point estimate: a parent almost never says a task's invented answer, so every such answer is real,
+    and a few of them are what a user notices first."""
+    c, p = own.leaks(task_answers, parent=reference), reference.leaks(task_answers)
     rise = float(c.mean() - p.mean())
     failed = rise > t.task_answer_leak_max_rise + 1e-12
     examples = [f"{q!r} -> {a!r}" for q, a, leaked in zip(own.ids, own.answers, c) if leaked][:3]
@@ -231,7 +254,7 @@ def task_answer_leak(own: ChatAnswers, reference: ChatAnswers, task_answers: Col
         parent_value=float(p.mean()), delta=rise, threshold=t.task_answer_leak_max_rise, n_items=len(c),
         excess=rise - t.task_answer_leak_max_rise if failed else None,
         **_power(c - p, _binary_floor(p), t.task_answer_leak_max_rise, t),
-        reason=f"everyday prompts answered with one of the task's answers {_pct(p.mean())}% -> {_pct(c.mean())}% "
+        reason=f"everyday prompts answered in the task's format {_pct(p.mean())}% -> {_pct(c.mean())}% "
                f"({100 * rise:+.1f} points); max rise {_pct(t.task_answer_leak_max_rise)}"
                + (f"; e.g. {'; '.join(examples)}" if examples else ""))
 

@@ -6,7 +6,14 @@ lr 3e-3 with 32 steps. The constrained update lives in low-energy directions and
 times plain fine-tuning's, and a 16-example task needs many more epochs than a 240-example one.
 
   - steps: enough epochs for at least MIN_STEPS optimizer steps (the benchmark's 32 steps per task),
-    at least the configured default epochs and at most MAX_EPOCHS;
+    at least the configured default epochs and at most MAX_EPOCHS. Then, for an exact-match task, more
+    rounds of the same length (each a warm restart of the schedule) while fewer than LEARNED of the
+    task's own examples are reproduced exactly, at most MAX_ROUNDS in all, and only while a round still
+    helps. Why: the gentle rate that keeps everything else in place (below) memorises slowly. From
+    SmolLM2, 33 steps at 3e-4 reproduced 62 % of a 16-fact task (bench_forgetting's invented-2), 66 steps
+    all of it. A larger rate learns it sooner but spreads the task's format: 33 steps at 1e-3 on a task of
+    planet capitals answered 29 of the 244 everyday gate prompts with "... City" ("What is the capital of
+    France?" -> "Loten City"); 66 steps at 3e-4 answered 7 that way.
   - learning rate: each of the method's candidate rates trains PROBE_STEPS steps from the parent's
     weights (which are put back after each probe), and is scored by how much it lowered the answer loss
     on a validation split. The smallest rate that achieves at least ENOUGH of the best rate's reduction
@@ -38,6 +45,7 @@ MIN_STEPS = 32
 MAX_EPOCHS = 16
 PROBE_STEPS = 8
 VALIDATION_FRACTION, MIN_VALIDATION, MAX_VALIDATION = 0.1, 4, 32
+LEARNED, MAX_ROUNDS, LEARNED_EXAMPLES = 0.95, 3, 64  # train-until-learned: the share, the rounds, the sample
 
 
 def validation_split(tokenized: list[TokenizedExample], seed: int) -> tuple[list, list]:
@@ -63,6 +71,32 @@ def answer_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size
         total += float(model(**batch).loss) * n
         count += n
     return total / max(1, count)
+
+
+@torch.no_grad()
+def reproduced_share(model, examples: list[TokenizedExample], pad_id: int, batch_size: int = 16) -> float:
+    """Share of `examples` whose every answer token is the model's greedy prediction (teacher-forced)."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        right = (logits[:, :-1].argmax(-1) == targets) | (targets == IGNORE_INDEX)
+        correct += int(right.all(dim=1).sum())
+    return correct / max(1, len(examples))
+
+
+def rounds_until_learned(train_round, reproduced) -> list[float]:
+    """After the first round: call `train_round(i)` for rounds i = 1, 2, ... while the share `reproduced()`
+    is under LEARNED, rose in the last round, and fewer than MAX_ROUNDS ran; `train_round` returns False
+    when the job's budget has no room for another. The share after each round."""
+    shares = [reproduced()]
+    while (len(shares) < MAX_ROUNDS and shares[-1] < LEARNED and (len(shares) == 1 or shares[-1] > shares[-2])
+           and train_round(len(shares))):
+        shares.append(reproduced())
+    return shares
 
 
 def probe_learning_rate(model, constraint, train_examples, validation, method: str, batch_size: int, pad_id: int,

@@ -22,6 +22,10 @@ from sculptor.datasets import Example
 POOL = Path(__file__).with_name("replay_prompts.jsonl")
 ANSWER_MAX_TOKENS = 96  # long enough that most everyday answers end on their own
 BATCH = 32
+# Why a floor: share x examples is too few for a small task. A 16-fact task with 8 replayed answers left
+# SmolLM2 answering 18-38 of the 244 everyday gate prompts in the task's format or in a few words where it
+# used a sentence before ("What is the capital of France?" -> "Loten City"); with 32, 2-3 of them.
+MIN_REPLAYED = 32
 
 
 def replay_prompts(count: int, seed: int, pool: Path = POOL) -> list[str]:
@@ -56,11 +60,11 @@ def sample_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, se
 
 
 def replay_examples(model, tokenizer, share: float, task_examples: int, seed: int = 0) -> list[Example]:
-    """round(share * task_examples) examples: everyday prompts, each with an answer sampled from the parent
-    (`model`, before any training step)."""
-    count = round(share * task_examples)
-    if count <= 0:
+    """round(share * task_examples) examples, at least MIN_REPLAYED when share > 0: everyday prompts, each
+    with an answer sampled from the parent (`model`, before any training step)."""
+    if share <= 0:
         return []
+    count = max(round(share * task_examples), MIN_REPLAYED)
     prompts = replay_prompts(count, seed)
     answers = sample_answers(model, tokenizer, prompts, ANSWER_MAX_TOKENS, seed)
     return [Example.model_validate({"prompt": p, "completion": a}) for p, a in zip(prompts, answers) if a.strip()]
