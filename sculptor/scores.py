@@ -136,6 +136,7 @@ class VersionScores(BaseModel):
     general_chat: ChatAnswers | None = None
     # NLL per token of the *parent's* answers under this version (the general-chat gate's measure)
     chat_vs_parent: ItemScores | None = None
+    chat_vs_root: ItemScores | None = None  # the same for the lineage root's answers (when the parent is not it)
     seconds: dict[str, float] = Field(default_factory=dict)  # wall time per part, as last evaluated
     work: dict[str, dict[str, int]] = Field(default_factory=dict)  # per part: items, tokens (GenerationStats)
     samples: dict[str, list[dict]] = Field(default_factory=dict)  # a few responses per part, for reading

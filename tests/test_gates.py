@@ -471,3 +471,20 @@ def test_the_gate_rejects_everyday_answers_shortened_from_sentences_to_a_few_wor
     assert short.value == pytest.approx(0.09) and "'c0' -> '46.81'" in short.reason
     answers[4:18] = long[4:18]  # 4 of 200: within 4 %
     assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), parent, "B").passed
+
+
+def test_the_drift_from_the_lineage_root_is_bounded_even_when_each_job_moved_little():
+    """Each job may move the model up to 0.35 nats/token from its parent; the root's answers bound the sum."""
+    root = _version({"A": [1] * 20})  # the root's own answers: 1 nat/token under itself
+    noise = np.random.default_rng(1).normal(0, 0.05, 200)
+    drifted = _version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.2)  # 0.2 from the parent: within 0.35
+    drifted.chat_vs_root = _items(1.0 + 0.5 + noise, "c")  # 0.5 from the root, over four jobs
+    report = decide(drifted, PARENT, "B", root=root)
+    assert report.failed == ["general_chat:root_answers_nll"]
+    drift = _gate(report, "root_answers_nll")
+    assert drift.delta == pytest.approx(0.5, abs=0.02) and "NLL of the root's answers" in drift.reason
+    drifted.chat_vs_root = _items(1.0 + 0.3 + noise, "c")
+    assert decide(drifted, PARENT, "B", root=root).passed
+    assert all(g.subject != "root_answers_nll" for g in decide(drifted, PARENT, "B").gates)  # the parent is the root
+    drifted.chat_vs_root = None  # a root was named but the candidate was not scored against it: fail closed
+    assert decide(drifted, PARENT, "B", root=root).failed == ["general_chat:root_answers_nll"]

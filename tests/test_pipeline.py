@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from sculptor import checkpoints
-from sculptor.accuracy import load_scores
+from sculptor.accuracy import load_scores, save_scores
 from sculptor.bootstrap import ensure_initial_version
 from sculptor.config import Settings
 from sculptor.context import Context
@@ -54,6 +54,21 @@ def test_job_trains_gates_and_promotes(ctx):
     assert statuses == ["validating", "queued", "running", "evaluating", "promoted"]
     assert checkpoints.is_committed(ctx.store, "v1")
     assert load_scores(ctx, "v0").tasks[task.task_id].mean == 0.0  # the parent scored on the new task
+
+
+def test_a_later_job_is_also_gated_against_the_lineage_root(ctx):
+    _, first = submit(ctx, "greet", examples("say the greeting", "hello world"))
+    done = pipeline.run_job(ctx, first.job_id)
+    assert done.status == "promoted", done.error
+    assert all(g.subject != "root_answers_nll" for g in done.gates.gates)  # its parent is the root
+    stored = load_scores(ctx, "v0")
+    stored.general_chat = None  # e.g. the suite changed since: the gate answers the prompts with v0 again
+    save_scores(ctx, "v0", stored)
+    _, second = submit(ctx, "farewell", examples("say the farewell", "goodbye now"))
+    done = pipeline.run_job(ctx, second.job_id)
+    drift = next(g for g in done.gates.gates if g.subject == "root_answers_nll")
+    assert not drift.skipped and drift.n_items > 0 and "root's answers" in drift.reason
+    assert load_scores(ctx, "v0").general_chat is not None and load_scores(ctx, "v2").chat_vs_root is not None
 
 
 def test_non_finite_loss_fails_the_job_and_keeps_serving(ctx, tmp_path):

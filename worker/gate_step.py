@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sculptor.accuracy import lineage_tasks, load_scores, save_scores
+from sculptor import checkpoints
+from sculptor.accuracy import lineage, lineage_tasks, load_scores, save_scores
 from sculptor.context import Context
 from sculptor.datasets import Example, load_examples
 from sculptor.gate_report import JobGates
@@ -60,33 +63,58 @@ def evaluate_candidate(ctx: Context, task: TaskRecord, parent: str, candidate: s
             overrides[task_id] = record.hyperparameters.gate_thresholds
     thresholds = gates.GateThresholds(**ctx.settings.gate_thresholds)
     device = resolve_train_device(ctx.settings.train_device)
+    root = lineage(ctx, parent)[0]
+    root_version = None if root == parent else RootVersion(
+        lambda: checkpoints.fetch(ctx.store, root, ctx.settings.checkpoint_cache_dir), load_scores(ctx, root))
     parent_scores, candidate_scores, report = score_and_decide(
         task_evals, suites(ctx), task.task_id, parent_dir, candidate_dir, load_scores(ctx, parent),
-        thresholds, overrides, task_answers(ctx, task), device=device, engine=gate_engine(ctx.settings.gate_engine, device))
+        thresholds, overrides, task_answers(ctx, task), device=device, engine=gate_engine(ctx.settings.gate_engine, device),
+        root=root_version)
     save_scores(ctx, parent, parent_scores)
     save_scores(ctx, candidate, candidate_scores)
+    if root_version is not None:
+        save_scores(ctx, root, root_version.scores)
     return JobGates.model_validate({**report.model_dump(), "seconds": candidate_scores.seconds,
                                     "work": candidate_scores.work})
+
+
+@dataclass
+class RootVersion:
+    """The lineage's first version, for the general-chat drift check: its checkpoint (fetched only if its
+    stored scores lack the current suite's answers) and those scores."""
+
+    model_dir: Callable[[], Path]
+    scores: gates.VersionScores | None
 
 
 def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, new_task_id: str,
                      parent_dir: Path, candidate_dir: Path, parent_stored: gates.VersionScores | None,
                      thresholds: gates.GateThresholds, overrides: dict | None = None,
                      new_task_answers: set[str] | frozenset[str] = frozenset(), device=None,
-                     engine: str = "transformers",
+                     engine: str = "transformers", root: RootVersion | None = None,
                      ) -> tuple[gates.VersionScores, gates.VersionScores, gates.GateReport]:
     """The gate without Redis: complete the parent's stored scores (usually just the new task),
     score the candidate on everything, decide. bench/bench_gates.py times exactly this.
-    `device`: where the two models run (the job's; None: the CPU); `engine`: see `open_generator`."""
+    `device`: where the two models run (the job's; None: the CPU); `engine`: see `open_generator`;
+    `root`: the lineage's first version when the parent is not it (its scores are completed in place)."""
     with open_generator(parent_dir, device, engine) as generator:
         parent_scores = gates.evaluate(generator, task_evals, the_suites, reuse=parent_stored)
+    if root is not None and not _has_chat_answers(root.scores, the_suites):
+        with open_generator(root.model_dir(), device, engine) as generator:
+            root.scores = gates.evaluate(generator, {}, the_suites, reuse=root.scores)
     with open_generator(candidate_dir, device, engine) as generator:
-        candidate_scores = gates.evaluate(generator, task_evals, the_suites, chat_reference=parent_scores.general_chat)
+        candidate_scores = gates.evaluate(generator, task_evals, the_suites, chat_reference=parent_scores.general_chat,
+                                          root_reference=root.scores.general_chat if root else None)
     # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
     earlier = [t for t in task_evals if t != new_task_id]
     report = gates.decide(candidate_scores, parent_scores, new_task_id, thresholds, overrides, earlier,
-                          new_task_answers)
+                          new_task_answers, root=root.scores if root else None)
     return parent_scores, candidate_scores, report
+
+
+def _has_chat_answers(scores: gates.VersionScores | None, the_suites: gates.Suites) -> bool:
+    ids = [item.id for item in the_suites.general_chat]
+    return scores is not None and scores.general_chat is not None and scores.general_chat.ids == ids
 
 
 def gate_engine(setting: str, device) -> str:

@@ -183,28 +183,16 @@ def perplexity_gate(cand: PerplexityScores | None, par: PerplexityScores | None,
 
 
 def general_chat_gates(candidate: VersionScores, parent: VersionScores, t: GateThresholds,
-                       task_answers: Collection[str] = ()) -> list[GateResult]:
-    """(a) how much less likely the candidate finds the parent's own everyday answers; (b) answer collapse;
-    (c) everyday prompts answered with the new task's answers (`task_answers`, normalized), when given."""
-    reference, moved, own = parent.general_chat, candidate.chat_vs_parent, candidate.general_chat
-    if reference is None or moved is None or own is None:
+                       task_answers: Collection[str] = (), root: VersionScores | None = None) -> list[GateResult]:
+    """(a) how much less likely the candidate finds the parent's own everyday answers, and, given the lineage's
+    `root`, the root's; (b) answer collapse; (c) everyday prompts answered in the new task's format
+    (`task_answers`, normalized), when given; (d) answers shortened from sentences to a few words."""
+    reference, own = parent.general_chat, candidate.general_chat
+    if reference is None or candidate.chat_vs_parent is None or own is None:
         missing = "the parent's answers" if reference is None else "the candidate's scores"
         return [_skip("general_chat", "parent_answers_nll", f"not evaluated: {missing}")]
-    mine = dict(zip(moved.ids, moved.values))
-    pairs = [(mine[i], v) for i, v in zip(reference.ids, reference.per_token()) if i in mine]
-    if not pairs:
-        return [_skip("general_chat", "parent_answers_nll", "no prompts in common")]
-    c, p = (np.array(x, float) for x in zip(*pairs))
-    rise = float(c.mean() - p.mean())
-    low, high = mean_delta_ci(c, p, **t.ci_kwargs())
-    failed = rise > t.general_chat_max_nll_rise + 1e-12 and (low > 0 or not t.require_significance)
-    power = _power(c - p, 0.0, t.general_chat_max_nll_rise, t)
-    nll = GateResult(
-        gate="general_chat", subject="parent_answers_nll", passed=not failed, value=float(c.mean()),
-        parent_value=float(p.mean()), delta=rise, threshold=t.general_chat_max_nll_rise, ci_low=low, ci_high=high,
-        excess=rise - t.general_chat_max_nll_rise if failed else None, n_items=len(c), **power,
-        reason=f"NLL of the parent's answers {p.mean():.3f} -> {c.mean():.3f} nats/token ({rise:+.3f}, 95% CI "
-               f"[{low:+.3f}, {high:+.3f}]); max rise {t.general_chat_max_nll_rise}")
+    nll = answers_nll_rise("parent", candidate.chat_vs_parent, reference, t.general_chat_max_nll_rise, t)
+    drift = [] if root is None else [root_drift(candidate, root, t)]
     ratios = {"distinct answers": (own.distinct_ratio(), reference.distinct_ratio()),
               "mean words": (own.mean_words(), reference.mean_words())}
     shrunk = {k: c_v / p_v for k, (c_v, p_v) in ratios.items() if p_v > 0 and c_v / p_v < t.collapse_min_ratio}
@@ -218,7 +206,37 @@ def general_chat_gates(candidate: VersionScores, parent: VersionScores, t: GateT
                + (f"; collapsed: {', '.join(shrunk)}; e.g. " + "; ".join(
                    f"{q!r} -> {a!r}" for q, a in list(zip(own.ids, own.answers))[:3]) if shrunk else ""))
     leak = [task_answer_leak(own, reference, task_answers, t)] if task_answers else []
-    return [nll, collapse, *leak, shortened_answers(own, reference, t)]
+    return [nll, *drift, collapse, *leak, shortened_answers(own, reference, t)]
+
+
+def answers_nll_rise(whose: str, moved: ItemScores, reference: ChatAnswers, max_rise: float,
+                     t: GateThresholds) -> GateResult:
+    """The NLL per token of `whose` (parent or root) everyday answers: under the candidate (`moved`) minus
+    under the version that wrote them, with a paired CI; it may rise by at most `max_rise`."""
+    subject = f"{whose}_answers_nll"
+    mine = dict(zip(moved.ids, moved.values))
+    pairs = [(mine[i], v) for i, v in zip(reference.ids, reference.per_token()) if i in mine]
+    if not pairs:
+        return _skip("general_chat", subject, "no prompts in common")
+    c, p = (np.array(x, float) for x in zip(*pairs))
+    rise = float(c.mean() - p.mean())
+    low, high = mean_delta_ci(c, p, **t.ci_kwargs())
+    failed = rise > max_rise + 1e-12 and (low > 0 or not t.require_significance)
+    return GateResult(
+        gate="general_chat", subject=subject, passed=not failed, value=float(c.mean()),
+        parent_value=float(p.mean()), delta=rise, threshold=max_rise, ci_low=low, ci_high=high,
+        excess=rise - max_rise if failed else None, n_items=len(c), **_power(c - p, 0.0, max_rise, t),
+        reason=f"NLL of the {whose}'s answers {p.mean():.3f} -> {c.mean():.3f} nats/token ({rise:+.3f}, 95% CI "
+               f"[{low:+.3f}, {high:+.3f}]); max rise {max_rise}")
+
+
+def root_drift(candidate: VersionScores, root: VersionScores, t: GateThresholds) -> GateResult:
+    """The root's everyday answers under the candidate: each job may move the model up to
+    general_chat_max_nll_rise from its parent, and this bounds what those moves add up to over a lineage."""
+    if root.general_chat is None or candidate.chat_vs_root is None:
+        missing = "the root's answers" if root.general_chat is None else "the candidate's scores"
+        return _skip("general_chat", "root_answers_nll", f"not evaluated: {missing}")
+    return answers_nll_rise("root", candidate.chat_vs_root, root.general_chat, t.general_chat_max_root_rise, t)
 
 
 def shortened_answers(own: ChatAnswers, reference: ChatAnswers, t: GateThresholds) -> GateResult:
@@ -267,6 +285,7 @@ def decide(
     task_thresholds: Mapping[str, Mapping[str, float]] | None = None,
     earlier_tasks: Sequence[str] | None = None,
     task_answers: Collection[str] = (),
+    root: VersionScores | None = None,
 ) -> GateReport:
     """Run the five gates; the candidate may be promoted only when `report.passed`.
 
@@ -275,6 +294,7 @@ def decide(
     learned, e.g. the new task of a rejected job that had the same parent.
     `task_thresholds[task_id]` holds that task's overrides (field names of `GateThresholds`).
     `task_answers`: the new task's own answers (normalized), for the general-chat gate's leak check.
+    `root`: the lineage's first version's scores, when the parent is not the root (the drift check).
     """
     base = thresholds or GateThresholds()
     overrides = task_thresholds or {}
@@ -292,7 +312,7 @@ def decide(
         _no_drop("instruction_following", "ifeval_strict", candidate.ifeval_strict, parent.ifeval_strict,
                  t_new.ifeval_max_drop, t_new),
         perplexity_gate(candidate.perplexity, parent.perplexity, t_new),
-        *general_chat_gates(candidate, parent, t_new, task_answers),
+        *general_chat_gates(candidate, parent, t_new, task_answers, root),
     ]
     failed = [g for g in gates if not g.passed]
     summary = ("promoted: all gates passed" if not failed

@@ -132,15 +132,24 @@ def _evaluate_general_chat(generator: Generator, suites: Suites, config: EvalCon
                                       tokens=losses.tokens)
 
 
-def _evaluate_chat_vs_parent(generator: Generator, suites: Suites, reference: ChatAnswers,
-                             scores: VersionScores) -> None:
-    """NLL per token of the parent's answers under this version: how far it moved from the parent's behaviour
-    on everyday prompts (the candidate's side of a KL(parent || candidate) estimate on the parent's samples)."""
+def _reference_answers_nll(generator: Generator, suites: Suites, reference: ChatAnswers) -> ItemScores:
+    """NLL per token of another version's answers (the parent's, the root's) under this version: how far it
+    moved from that version's behaviour on everyday prompts (this side of a KL(reference || this) estimate on
+    the reference's samples)."""
     prompts = {i.id: i for i in suites.general_chat}
     pairs = [(i, a) for i, a in zip(reference.ids, reference.answers) if i in prompts]
     losses = generator.answer_losses([_chat(prompts[i]) for i, _ in pairs], [a for _, a in pairs])
-    scores.chat_vs_parent = ItemScores(ids=[i for i, _ in pairs],
-                                       values=[n / max(1, t) for n, t in zip(losses.nll, losses.tokens)])
+    return ItemScores(ids=[i for i, _ in pairs], values=[n / max(1, t) for n, t in zip(losses.nll, losses.tokens)])
+
+
+def _evaluate_chat_vs_parent(generator: Generator, suites: Suites, reference: ChatAnswers,
+                             scores: VersionScores) -> None:
+    scores.chat_vs_parent = _reference_answers_nll(generator, suites, reference)
+
+
+def _evaluate_chat_vs_root(generator: Generator, suites: Suites, reference: ChatAnswers,
+                           scores: VersionScores) -> None:
+    scores.chat_vs_root = _reference_answers_nll(generator, suites, reference)
 
 
 def _stats(generator: Generator) -> dict[str, int] | None:
@@ -161,12 +170,14 @@ def evaluate(
     config: EvalConfig | None = None,
     reuse: VersionScores | None = None,
     chat_reference: ChatAnswers | None = None,
+    root_reference: ChatAnswers | None = None,
 ) -> VersionScores:
     """Scores of the model behind `generator` on `tasks` ({task_id: (metric, eval_examples)}) and `suites`.
 
     Parts already in `reuse` with the same item ids are copied, not re-evaluated. `suites=None`
     evaluates tasks only (e.g. the parent on a new task's eval set before training).
-    `chat_reference`: the parent's general-chat answers, scored under this version (candidates only).
+    `chat_reference`: the parent's general-chat answers, scored under this version (candidates only);
+    `root_reference`: the lineage root's, likewise.
     """
     config = config or EvalConfig()
     judge = judge or PatternRefusalJudge()
@@ -196,4 +207,6 @@ def evaluate(
         timed("general_chat", _evaluate_general_chat, generator, suites, config, scores)
     if suites.general_chat and chat_reference is not None:
         timed("chat_vs_parent", _evaluate_chat_vs_parent, generator, suites, chat_reference, scores)
+    if suites.general_chat and root_reference is not None:
+        timed("chat_vs_root", _evaluate_chat_vs_root, generator, suites, root_reference, scores)
     return scores
