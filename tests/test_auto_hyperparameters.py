@@ -46,9 +46,11 @@ def test_probe_picks_the_rate_that_learns_and_puts_the_weights_back(tiny_learner
 def test_the_gentlest_rate_that_makes_most_of_the_progress_wins():
     # The department task on SmolLM2 (bench_general_chat): 3e-4 already made most of the drop.
     assert auto.pick_rate(8.0, {"0.0003": 2.49, "0.001": 1.66, "0.003": 1.31}) == 3e-4
-    # A task the gentle rate barely starts on gets the larger one.
-    assert auto.pick_rate(8.0, {"0.0003": 7.0, "0.001": 4.0, "0.003": 1.0}) == 3e-3
-    assert auto.pick_rate(8.0, {"0.0003": 7.0, "0.001": 2.0, "0.003": 1.0}) == 1e-3
+    # bench-forgetting's invented-3 in the stream: 3e-4 made 37 % of the drop, and the rounds finish the rest.
+    assert auto.pick_rate(6.55, {"0.0003": 5.37, "0.001": 4.31, "0.003": 3.36}) == 3e-4
+    # A task the gentle rate barely starts on gets a larger one.
+    assert auto.pick_rate(8.0, {"0.0003": 7.5, "0.001": 6.5, "0.003": 1.0}) == 3e-3
+    assert auto.pick_rate(8.0, {"0.0003": 7.5, "0.001": 2.0, "0.003": 1.0}) == 1e-3
     assert auto.pick_rate(8.0, {"0.0003": 8.0, "0.001": float("inf")}) == 3e-4  # a diverged probe never wins
 
 
@@ -68,7 +70,7 @@ def test_training_goes_on_while_the_task_is_not_reproduced_and_a_round_still_hel
     assert run([0.62, 1.0, 1.0]) == ([0.62, 1.0], [1])  # learned after the second: no third
     assert run([1.0]) == ([1.0], [])  # learned in the planned round: nothing more
     assert run([0.5, 0.5, 0.9]) == ([0.5, 0.5], [1])  # a round that did not help ends it
-    assert run([0.2, 0.4, 0.6, 0.8])[0] == [0.2, 0.4, 0.6]  # at most MAX_ROUNDS in all
+    assert run([0.2, 0.4, 0.6, 0.8, 0.9])[0] == [0.2, 0.4, 0.6, 0.8]  # at most MAX_ROUNDS in all
     assert run([0.5, 0.9], room=0) == ([0.5], [])  # no budget left for another round
 
 

@@ -17,11 +17,17 @@ times plain fine-tuning's, and a 16-example task needs many more epochs than a 2
   - learning rate: each of the method's candidate rates trains PROBE_STEPS steps from the parent's
     weights (which are put back after each probe), and is scored by how much it lowered the answer loss
     on a validation split. The smallest rate that achieves at least ENOUGH of the best rate's reduction
-    wins. Why the smallest: a larger step moves everything else more (bench/results/bench_general_chat.md:
-    at lr 1e-3 the department task raised SmolLM2's perplexity on general text x1.7, at 3e-3 x2.1), and a
-    rate that already makes most of the progress in the probe learns the task in the full run. The split is carved out of the
-    training data (never the gate's eval split); the probes never train on it, and the full run that
-    follows trains on every example, the split included.
+    wins: a larger rate only for a task the gentle one barely starts on. Why the smallest, and why
+    ENOUGH is only a quarter: a larger step moves everything else more, and the rounds above finish
+    what a gentle rate leaves unlearned.
+    - bench/results/bench_general_chat.md: at lr 1e-3 the department task raised SmolLM2's perplexity
+      on general text x1.25 and failed that gate; at 3e-4 it passed every gate.
+    - bench-forgetting's stream with ENOUGH at 0.75: invented-2 got 1e-3 (3e-4 had made 61 % of the
+      drop) and answered 4.5 % of the everyday prompts in a few words; invented-3 got 3e-3 (36 %) and
+      answered "What is the capital of France?" with "Golo City", one of its own answers. Both were
+      rejected. From v0, 3 rounds at 3e-4 learned invented-3 whole and leaked none of its answers.
+    The split is carved out of the training data (never the gate's eval split); the probes never train on
+    it, and the full run that follows trains on every example, the split included.
 
 The job report carries the choice and the probe's losses (`training.auto`). Explicit hyperparameters win.
 """
@@ -40,12 +46,12 @@ from worker.training.loop import NonFiniteLoss, train
 # From the old fixed defaults (osft 3e-4, full 5e-5) up to where bench/bench_forgetting.py found each
 # method learning every task of its stream (osft 3e-3, full 2e-4).
 LEARNING_RATES = {"osft": (3e-4, 1e-3, 3e-3), "full": (5e-5, 1e-4, 2e-4)}
-ENOUGH = 0.75  # of the best rate's validation-loss reduction in the probe
+ENOUGH = 0.25  # of the best rate's validation-loss reduction in the probe
 MIN_STEPS = 32
 MAX_EPOCHS = 16
 PROBE_STEPS = 8
 VALIDATION_FRACTION, MIN_VALIDATION, MAX_VALIDATION = 0.1, 4, 32
-LEARNED, MAX_ROUNDS, LEARNED_EXAMPLES = 0.95, 3, 64  # train-until-learned: the share, the rounds, the sample
+LEARNED, MAX_ROUNDS, LEARNED_EXAMPLES = 0.95, 4, 64  # train-until-learned: the share, the rounds, the sample
 
 
 def validation_split(tokenized: list[TokenizedExample], seed: int) -> tuple[list, list]:
