@@ -55,7 +55,8 @@ def test_the_gentlest_rate_that_makes_most_of_the_progress_wins():
 
 
 def test_training_goes_on_while_the_task_is_not_reproduced_and_a_round_still_helps():
-    def run(shares, room=99):
+    def run(shares, losses=None, room=99):
+        losses = losses or [1.0] * len(shares)  # the answer loss after each round
         trained = []
 
         def train_round(i):
@@ -63,13 +64,16 @@ def test_training_goes_on_while_the_task_is_not_reproduced_and_a_round_still_hel
                 return False
             trained.append(i)
             return True
-        result = auto.rounds_until_learned(train_round, lambda: shares[len(trained)])
+        result = auto.rounds_until_learned(train_round, lambda: (shares[len(trained)], losses[len(trained)]))
         return result, trained
 
     assert run([0.62, 0.9, 1.0]) == ([0.62, 0.9, 1.0], [1, 2])  # learned in the third round
     assert run([0.62, 1.0, 1.0]) == ([0.62, 1.0], [1])  # learned after the second: no third
     assert run([1.0]) == ([1.0], [])  # learned in the planned round: nothing more
     assert run([0.5, 0.5, 0.9]) == ([0.5, 0.5], [1])  # a round that did not help ends it
+    # 4-digit codes (make run's SKU task): no answer right yet after two rounds, but the loss keeps falling.
+    assert run([0.0, 0.0, 0.5, 1.0], losses=[1.7, 0.44, 0.1, 0.01]) == ([0.0, 0.0, 0.5, 1.0], [1, 2, 3])
+    assert run([0.0, 0.0, 0.5], losses=[1.7, 1.6, 0.1])[0] == [0.0, 0.0]  # a loss that barely moved did not help
     assert run([0.2, 0.4, 0.6, 0.8, 0.9])[0] == [0.2, 0.4, 0.6, 0.8]  # at most MAX_ROUNDS in all
     assert run([0.5, 0.9], room=0) == ([0.5], [])  # no budget left for another round
 

@@ -275,7 +275,8 @@ def more_rounds_until_learned(settings, hp, rounds: list, train_round, batches, 
         rounds.append(train_round(more, sum(r.steps for r in rounds)))
         return True
 
-    return auto.rounds_until_learned(another, lambda: auto.reproduced_share(model, sample, pad_id))
+    return auto.rounds_until_learned(another, lambda: (auto.reproduced_share(model, sample, pad_id),
+                                                       auto.answer_loss(model, sample, pad_id)))
 
 
 def _is_auto(value, auto_by_default: bool) -> bool:

@@ -52,6 +52,7 @@ MAX_EPOCHS = 16
 PROBE_STEPS = 8
 VALIDATION_FRACTION, MIN_VALIDATION, MAX_VALIDATION = 0.1, 4, 32
 LEARNED, MAX_ROUNDS, LEARNED_EXAMPLES = 0.95, 4, 64  # train-until-learned: the share, the rounds, the sample
+HELPED = 0.2  # a round that lowered the task's answer loss by this share of itself still helped
 
 
 def validation_split(tokenized: list[TokenizedExample], seed: int) -> tuple[list, list]:
@@ -94,15 +95,21 @@ def reproduced_share(model, examples: list[TokenizedExample], pad_id: int, batch
     return correct / max(1, len(examples))
 
 
-def rounds_until_learned(train_round, reproduced) -> list[float]:
-    """After the first round: call `train_round(i)` for rounds i = 1, 2, ... while the share `reproduced()`
-    is under LEARNED, rose in the last round, and fewer than MAX_ROUNDS ran; `train_round` returns False
-    when the job's budget has no room for another. The share after each round."""
-    shares = [reproduced()]
-    while (len(shares) < MAX_ROUNDS and shares[-1] < LEARNED and (len(shares) == 1 or shares[-1] > shares[-2])
-           and train_round(len(shares))):
-        shares.append(reproduced())
-    return shares
+def rounds_until_learned(train_round, progress) -> list[float]:
+    """After the first round: call `train_round(i)` for rounds i = 1, 2, ... while the share of the task
+    reproduced is under LEARNED, the last round still helped (the share rose, or the answer loss fell by
+    at least HELPED of itself: 4-digit codes lower the loss for rounds before the first one is right), and
+    fewer than MAX_ROUNDS ran. `progress()` gives (share, answer loss); `train_round` returns False when the
+    job's budget has no room for another. The share after each round."""
+    seen = [progress()]
+    while (len(seen) < MAX_ROUNDS and seen[-1][0] < LEARNED and (len(seen) == 1 or _helped(seen[-2], seen[-1]))
+           and train_round(len(seen))):
+        seen.append(progress())
+    return [share for share, _ in seen]
+
+
+def _helped(before: tuple[float, float], after: tuple[float, float]) -> bool:
+    return after[0] > before[0] or after[1] < (1 - HELPED) * before[1]
 
 
 def probe_learning_rate(model, constraint, train_examples, validation, method: str, batch_size: int, pad_id: int,
