@@ -182,6 +182,13 @@ def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData
                f"of them while under {auto.LEARNED:.0%} of the task's examples are reproduced")
 
 
+def planned_batches(examples: list, batch_size: int, epochs: int, pad_id: int, seed: int,
+                    max_steps: int | None) -> training_data.Batches:
+    """One round's batches: the epochs in a seeded order, cut at max_steps."""
+    batches = training_data.make_batches(examples, batch_size, epochs, pad_id, seed=seed)
+    return batches[:max_steps] if max_steps else batches
+
+
 def check_token_budget(batches: training_data.Batches, limit: int, examples: int, epochs: int) -> None:
     tokens = batches.tokens()
     if tokens > limit:
@@ -205,9 +212,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     everything = data.train + data.validation
     epochs = (auto.choose_epochs(len(everything), batch_size, settings.default_epochs) if auto_epochs
               else hp.epochs or settings.default_epochs)
-    batches = training_data.make_batches(everything, batch_size, epochs, tokenizer.pad_token_id, seed=hp.seed)
-    if hp.max_steps:
-        batches = batches[: hp.max_steps]
+    batches = planned_batches(everything, batch_size, epochs, tokenizer.pad_token_id, hp.seed, hp.max_steps)
     check_token_budget(batches, settings.max_training_tokens, len(everything), epochs)
     steps_per_epoch = max(1, -(-len(everything) // batch_size))
 
@@ -265,9 +270,7 @@ def more_rounds_until_learned(settings, hp, rounds: list, train_round, batches, 
     tokens = [batches.tokens()]
 
     def another(i: int) -> bool:
-        more = training_data.make_batches(everything, batch_size, epochs, pad_id, seed=hp.seed + i)
-        if hp.max_steps:
-            more = more[: hp.max_steps]
+        more = planned_batches(everything, batch_size, epochs, pad_id, hp.seed + i, hp.max_steps)
         round_s = rounds[-1].mean_step_s * len(more)  # room for the round, and as long again for the gates
         if sum(tokens) + more.tokens() > settings.max_training_tokens or deadline.remaining_s() < 2 * round_s:
             return False
