@@ -42,6 +42,7 @@ from common import RESULTS, base_model_dir, pipeline_context, write_result  # no
 ROWS = {  # name: hyperparameters on top of the service's defaults (auto learning rate and epochs, replay 0.5)
     "shipped": {},
     "osft-noreplay": {"general_replay": 0.0},
+    "osft-replay-kl": {"general_replay_kl": True},  # the replayed answers as the parent's distribution (a KL term)
     "osft-chat-memory": {"general_replay": 0.0, "general_chat_memory": True},
     "osft-replay-chat-memory": {"general_chat_memory": True},
     "full": {"method": "full", "general_replay": 0.0},  # plain fine-tuning, its own rate chosen by the probe
@@ -85,7 +86,7 @@ def job_row(job, wall: float, task_name: str) -> dict:
             "forced": bool(gates.get("forced")), "failed_gates": gates.get("failed"),
             "summary": gates.get("summary"), "learning_rate": t.get("learning_rate"),
             "epochs": t.get("epochs"), "steps": t.get("steps"), "rounds": t.get("rounds"),
-            "reproduced": t.get("reproduced_share"), "replayed_examples": t.get("replayed_examples"),
+            "reproduced": t.get("reproduced_share"), "replayed_examples": t.get("replayed_examples"), "replay_kl": t.get("replay_kl"),
             "probe": auto.get("probe_validation_loss"), "final_loss": t.get("final_loss"),
             "mean_step_s": t.get("mean_step_s"), "gate_s": sum(gates.get("seconds", {}).values()),
             "wall_s": round(wall, 1)}

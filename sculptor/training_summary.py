@@ -66,6 +66,7 @@ class TrainingSummary(BaseModel):
     final_loss: float | None = None
     examples: int  # the task's own
     replayed_examples: int = 0  # the parent's answers to everyday prompts, mixed in
+    replay_kl: bool = False  # learned as the parent's distribution (a KL term), not only the sampled tokens
     rehearsed_examples: dict[str, int] = Field(default_factory=dict)  # earlier tasks' own examples, per task id
     learning_rate: float
     epochs: int

@@ -122,6 +122,7 @@ class TrainingData:
     truncated: int
     max_seq_len: int
     replay: list  # tokenized: the replayed part of `train`
+    replay_kl: bool  # `replay` carries the parent's distribution (replay.with_parent_distribution)
 
 
 def training_data_for(ctx: Context, task: TaskRecord, parent: str, model, tokenizer,
@@ -137,11 +138,14 @@ def training_data_for(ctx: Context, task: TaskRecord, parent: str, model, tokeni
         return [training_data.tokenize_chat(tokenizer, [m.model_dump() for m in e.messages], max_len) for e in part]
 
     own, extra = tokenized(examples), tokenized(replayed)
+    replay_kl = settings.default_general_replay_kl if hp.general_replay_kl is None else hp.general_replay_kl
+    if replay_kl and extra:
+        extra = replay.with_parent_distribution(model, extra, tokenizer.pad_token_id)
     earlier = tokenized([e for drawn in rehearsed.values() for e in drawn])
     own, validation = auto.validation_split(own, hp.seed) if split_validation else (own, [])
     truncated = sum(t.truncated for t in own + extra + earlier + validation)  # policy: truncate, and say how many
     return TrainingData(len(examples), len(replayed), {t: len(drawn) for t, drawn in rehearsed.items()},
-                        own + extra + earlier, own, validation, truncated, max_len, extra)
+                        own + extra + earlier, own, validation, truncated, max_len, extra, bool(replay_kl and extra))
 
 
 def rehearsal_for(ctx: Context, task: TaskRecord, parent: str, task_examples: int) -> dict[str, list[Example]]:
@@ -250,7 +254,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
                                    memory_batches=batches[:min(steps_per_epoch, MEMORY_BATCHES)])
     steps = sum(r.steps for r in rounds)
     training = TrainingSummary.model_validate({"steps": steps, "final_loss": result.final_loss, "examples": data.examples,
-                "replayed_examples": data.replayed, "rehearsed_examples": data.rehearsed, "learning_rate": learning_rate, "epochs": epochs,
+                "replayed_examples": data.replayed, "replay_kl": data.replay_kl, "rehearsed_examples": data.rehearsed, "learning_rate": learning_rate, "epochs": epochs,
                 "auto": chosen.model_dump() if chosen else None,
                 "truncated_examples": data.truncated, "max_seq_len": data.max_seq_len, "mean_step_s": round(sum(r.mean_step_s * r.steps for r in rounds) / max(1, steps), 4),
                 "rounds": len(rounds), "reproduced_share": reproduced,

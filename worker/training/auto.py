@@ -41,7 +41,7 @@ import torch
 
 from sculptor.training_summary import AutoChoice  # noqa: F401  (re-exported: the pipeline fills it)
 from worker.training.data import IGNORE_INDEX, TokenizedExample, collate, make_batches
-from worker.training.loop import NonFiniteLoss, train
+from worker.training.loop import NonFiniteLoss, batch_loss, train
 
 # From the old fixed defaults (osft 3e-4, full 5e-5) up to where bench/bench_forgetting.py found each
 # method learning every task of its stream (osft 3e-3, full 2e-4).
@@ -75,7 +75,7 @@ def answer_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**batch).loss) * n
+        total += float(batch_loss(model, batch)) * n
         count += n
     return total / max(1, count)
 

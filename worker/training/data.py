@@ -12,10 +12,22 @@ IGNORE_INDEX = -100
 
 
 @dataclass
+class ParentDistribution:
+    """The parent's next-token distribution at each learned position of one example, kept to its `k` most
+    likely tokens and renormalised (worker/training/replay.py: with_parent_distribution). Training on it is
+    a KL term to the parent there, in place of the cross-entropy on the example's own tokens."""
+
+    positions: list[int]  # label positions (indices into input_ids) the distribution predicts
+    token_ids: torch.Tensor  # [len(positions), k]
+    probs: torch.Tensor  # [len(positions), k], each row sums to 1
+
+
+@dataclass
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    parent: ParentDistribution | None = None  # soft targets for this example's answer (None: its own tokens)
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_seq_len: int) -> TokenizedExample:
@@ -54,7 +66,28 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.parent is not None for e in examples):
+        batch["target_ids"], batch["target_probs"] = soft_targets(examples, labels)
+    return batch
+
+
+def soft_targets(examples: list[TokenizedExample], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, width, k] token ids and probabilities to learn at each position: the parent's distribution
+    where an example has one, else all of the mass on the label (so that row's loss is its cross-entropy)."""
+    k = max(e.parent.token_ids.shape[1] for e in examples if e.parent is not None)
+    ids = torch.zeros((*labels.shape, k), dtype=torch.long)
+    probs = torch.zeros((*labels.shape, k))
+    for row, e in enumerate(examples):
+        if e.parent is None:
+            learned = labels[row] != IGNORE_INDEX
+            ids[row, learned, 0] = labels[row, learned]
+            probs[row, learned, 0] = 1.0
+        else:
+            positions, width = torch.tensor(e.parent.positions, dtype=torch.long), e.parent.token_ids.shape[1]
+            ids[row, positions, :width] = e.parent.token_ids.long()
+            probs[row, positions, :width] = e.parent.probs.float()
+    return ids, probs
 
 
 class Batches(Sequence):

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 
 from sculptor.progress import Progress
+from worker.training.data import IGNORE_INDEX
 from worker.training.device import autocast, to_device
 
 
@@ -85,6 +86,20 @@ class LRSchedule:
         return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean loss per learned token. A batch with soft targets (data.py: soft_targets; the parent's
+    distribution on replayed answers) learns each position's target distribution: the cross-entropy to it,
+    which is the KL term to the parent plus a constant, and exactly the token cross-entropy on one-hot rows.
+    Hand-written because transformers' loss takes hard labels only."""
+    if "target_ids" not in batch:
+        return model(**batch).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1].float()
+    ids, probs = batch["target_ids"][:, 1:], batch["target_probs"][:, 1:]
+    log_probs = logits.gather(-1, ids) - logits.logsumexp(-1, keepdim=True)
+    learned = batch["labels"][:, 1:] != IGNORE_INDEX
+    return -(probs * log_probs).sum(-1)[learned].mean()
+
+
 def train(
     model: torch.nn.Module,
     batches: list[dict[str, torch.Tensor]],
@@ -118,7 +133,7 @@ def train(
         if batch["attention_mask"].all():  # no padding: without a mask transformers need not read it back
             batch = {key: value for key, value in batch.items() if key != "attention_mask"}
         with autocast(device, bf16_autocast):
-            loss = model(**to_device(batch, device)).loss
+            loss = batch_loss(model, to_device(batch, device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()  # the constrained optimizer projects each applied update

@@ -5,7 +5,9 @@ teaches the model that every prompt gets such an answer. The subspace constraint
 strongest directions, but not this: after one such task SmolLM2 answered "billing" to "What is the
 capital of France?". Training on the parent's own answers to a pool of everyday prompts (a sampled
 form of a KL term to the parent on those prompts, with no external data) keeps that behaviour where
-the new task does not need to change it. The pool (`replay_prompts.jsonl`, 96 prompts, 12 kinds) is
+the new task does not need to change it. With `general_replay_kl` (`with_parent_distribution`) each
+replayed answer is learned as the parent's whole next-token distribution at every position, not only the
+sampled token: the KL term itself on those prompts, one sample's variance the less. The pool (`replay_prompts.jsonl`, 96 prompts, 12 kinds) is
 disjoint from the general-chat gate's suite, so the gate still measures held-out prompts.
 """
 
@@ -18,10 +20,12 @@ from pathlib import Path
 import torch
 
 from sculptor.datasets import Example
+from worker.training.data import IGNORE_INDEX, ParentDistribution, TokenizedExample, collate
 
 POOL = Path(__file__).with_name("replay_prompts.jsonl")
 ANSWER_MAX_TOKENS = 96  # long enough that most everyday answers end on their own
 BATCH = 32
+TOP_K = 32  # tokens kept of the parent's distribution per position; SmolLM2 puts nearly all its mass there
 # Why a floor: share x examples is too few for a small task. A 16-fact task with 8 replayed answers left
 # SmolLM2 answering 18-38 of the 244 everyday gate prompts in the task's format or in a few words where it
 # used a sentence before ("What is the capital of France?" -> "Loten City"); with 32, 2-3 of them.
@@ -68,3 +72,25 @@ def replay_examples(model, tokenizer, share: float, task_examples: int, seed: in
     prompts = replay_prompts(count, seed)
     answers = sample_answers(model, tokenizer, prompts, ANSWER_MAX_TOKENS, seed)
     return [Example.model_validate({"prompt": p, "completion": a}) for p, a in zip(prompts, answers) if a.strip()]
+
+
+@torch.no_grad()  # not inference_mode: these tensors are copied into training batches later
+def with_parent_distribution(model, tokenized: list[TokenizedExample], pad_id: int, k: int = TOP_K,
+                             batch_size: int = 8) -> list[TokenizedExample]:
+    """`tokenized` with the parent's (`model`, before any step) top-k next-token distribution at each learned
+    position, renormalised over those k, for the training loss to match (loop.py: batch_loss)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(tokenized), batch_size):
+        chunk = tokenized[start:start + batch_size]
+        batch = {key: value.to(device) for key, value in collate(chunk, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        for row, example in enumerate(chunk):
+            labels = torch.tensor(example.labels)
+            positions = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1) + 1  # logits at p - 1 predict p
+            top = logits[row, positions.to(device) - 1].log_softmax(-1).topk(min(k, logits.shape[-1]))
+            probs = top.values.exp()
+            out.append(TokenizedExample(example.input_ids, example.labels, example.truncated, ParentDistribution(
+                positions.tolist(), top.indices.cpu(), (probs / probs.sum(-1, keepdim=True)).cpu())))
+    return out
