@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     # timestamp), and how long a job that ended keeps its record and events before they are deleted.
     max_job_events: int = Field(1000, ge=20)
     job_retention_days: float = Field(30, gt=0)
+    # Object-store growth (worker/osft/registry.py: prune_bases): the subspace bases (an SVD of a version's
+    # checkpoint, recomputed when a job trains on a pruned one) are kept for the serving head and this many
+    # newest promoted versions; a version's task memory (no SVD recomputes it) is never deleted.
+    registry_keep_bases: int = Field(3, ge=1)
 
     # `make run` supervision: a dead worker or embedded Redis is restarted after a doubling backoff
     # (from restart_backoff_s up to 30 s); after restart_max restarts within restart_window_s the launcher

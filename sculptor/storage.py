@@ -59,6 +59,10 @@ class ObjectStore:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._resolve(key))
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes, as stored (FileNotFoundError when there is none)."""
+        return int(self.fs.size(self._resolve(key)))
+
     def put_file(self, local: Path, key: str) -> str:
         path = self._resolve(key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)

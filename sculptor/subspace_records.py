@@ -9,7 +9,8 @@ config beside the weights.
 `k` is the rank protected when this version was trained: the floor for every later job.
 This is the registry's read side (and the record write): no torch, so the gateway serves it (GET /registry).
 The bases and the task memory, tensors in the object store, are the worker's (worker/osft/registry.py:
-`SubspaceRegistry` extends this class with them).
+`SubspaceRegistry` extends this class with them, and prunes the bases of all but the newest versions);
+`stored_bytes` says what a version's take there.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class SubspaceRecord:
     tasks: list[str] = field(default_factory=list)  # the tasks that shaped this version, oldest first
     created_at: float = field(default_factory=time.time)
     bases_uri: str | None = None  # object-store URI of the bases (reduced SVD per matrix), if stored
+    stored_bytes: int | None = None  # bases and task memory in the object store (None: not counted then)
     svd_s: float | None = None
     general_chat_memory: bool = False  # the task memory holds everyday chat's input directions
     method: Literal["osft", "full"] | None = None  # how this version was trained (None: not trained here)
@@ -82,6 +84,7 @@ class CapacitySummary:
     parent_version: str | None
     tasks: list[str]
     has_bases: bool
+    stored_bytes: int | None  # its bases and task memory in the object store (None: recorded before counted)
     protected_fraction: float
     remaining_capacity: float
     spent_matrices: list[str]
@@ -145,6 +148,7 @@ class SubspaceRecords:
             parent_version=record.parent_version,
             tasks=record.tasks,
             has_bases=bool(record.bases_uri),
+            stored_bytes=record.stored_bytes,
             protected_fraction=round(protected, 4),
             remaining_capacity=round(sum(t[3] for t in layers.values()) / total_m, 4),
             spent_matrices=[name for name, m in record.matrices.items() if m.spent],

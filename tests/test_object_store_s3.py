@@ -93,6 +93,15 @@ def test_bytes_round_trip(store, s3):
 def test_missing_key_raises(store):
     with pytest.raises(FileNotFoundError):
         store.get_bytes("nothing/here.json")
+    with pytest.raises(FileNotFoundError):
+        store.size("nothing/here.json")
+
+
+def test_size_is_the_objects_bytes_in_the_bucket(store, s3):
+    store.put_bytes("registry/v1/memory.safetensors", b"x" * 1234)
+    key = f"{store.root.split('/', 1)[1]}/registry/v1/memory.safetensors"
+    assert store.size("registry/v1/memory.safetensors") == 1234
+    assert s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"] == 1234
 
 
 def test_files_list_and_delete(store, s3, tmp_path):
@@ -192,6 +201,7 @@ def test_unsafe_keys_are_refused(store, s3, tmp_path, key):
         lambda: store.put_bytes(key, b"payload"),
         lambda: store.get_bytes(key),
         lambda: store.exists(key),
+        lambda: store.size(key),
         lambda: store.put_file(local, key),
         lambda: store.get_file(key, tmp_path / "out"),
         lambda: store.list(key),

@@ -93,7 +93,9 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
         report = gate_step.evaluate_candidate(ctx, task, parent, candidate.version, candidate.model_dir,
                                            candidate.parent_dir)
         if not report.passed:
-            return ctx.jobs.update(job_id, status="rejected", gates=report, error=report.summary)
+            rejected = ctx.jobs.update(job_id, status="rejected", gates=report, error=report.summary)
+            prune_registry(ctx)  # the candidate's bases go; its memory stays for a force-promotion
+            return rejected
         if ctx.jobs.get(job_id).cancel_requested:
             return ctx.jobs.update(job_id, status="cancelled", gates=report,
                                    error="cancelled during evaluation; the candidate was not promoted")
@@ -101,7 +103,9 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
         lineage.promote_candidate(ctx.versions, ctx.store, job, candidate.version,
                                   GateSummary(passed=report.passed, summary=report.summary, failed=report.failed))
         report.lineage = LineageAccuracy.model_validate(accuracy.accuracy_matrix(ctx, candidate.version))
-        return ctx.jobs.update(job_id, status="promoted", gates=report)
+        promoted = ctx.jobs.update(job_id, status="promoted", gates=report)
+        prune_registry(ctx)
+        return promoted
     except TrainingCancelled as err:
         return ctx.jobs.update(job_id, status="cancelled", error=str(err))
     except tuple(FAILURE_CODES) as err:
@@ -109,6 +113,19 @@ def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
     except HeadMoved as err:  # from promote_candidate(): e.g. an admin rolled back while this job trained
         return ctx.jobs.update(job_id, status="superseded", gates=report,
                                error=f"{err}; its gates passed: resubmit the task to retrain it on {err.head}")
+
+
+def prune_registry(ctx: Context) -> None:
+    """Keep the subspace bases of the head and the SCULPTOR_REGISTRY_KEEP_BASES newest promoted versions only
+    (rejected candidates and older versions lose theirs; every task memory stays)."""
+    keep = {ctx.versions.current(), *ctx.versions.ids(limit=ctx.settings.registry_keep_bases)}
+    try:
+        pruned = osft.SubspaceRegistry(ctx.redis, ctx.store).prune_bases(keep)
+    except Exception:  # housekeeping: it never changes a verdict, and the next job's pruning retries it
+        log.exception("pruning the subspace registry failed")
+        return
+    if pruned:
+        log.info("pruned the subspace bases of %s (kept: %s)", ", ".join(pruned), ", ".join(sorted(keep - {None})))
 
 
 @dataclass

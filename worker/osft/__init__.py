@@ -14,8 +14,9 @@ The worker calls two functions around `worker.training.loop.train`:
 registry (or runs the SVD and stores them, so the next job on that parent does not), scores the
 layers on `importance_batches` (a few training batches), plans the protected ranks and freezes
 everything else. `record_version` computes the SVD of the trained weights and stores the new
-version's record and bases, so the next job loads them. Call it only for a version that will be
-kept (promoted); a rejected candidate needs no record. `constraint.report()` is JSON-able:
+version's record and bases, so the next job loads them. The pipeline calls it for every candidate
+(a rejected one may be force-promoted) and prunes the bases it no longer needs after the verdict
+(SubspaceRegistry.prune_bases); the task memory stays. `constraint.report()` is JSON-able:
 method, registry_hit, svd_s / load_s, protected_fraction, spent_matrices and per-matrix m / k.
 
 Modules: subspace (targets, SVD), importance (layer scores), projector (the per-matrix projection),
@@ -115,7 +116,7 @@ def _parent_bases(
             bases[name].memory = memory
         uri = registry.store_bases(parent_version, bases)
         record = parent_record or _root_record(parent_version, targets)
-        registry.put(dataclasses.replace(record, bases_uri=uri))
+        registry.put(dataclasses.replace(record, bases_uri=uri, stored_bytes=registry.stored_bytes(parent_version)))
     return bases, timings, False
 
 
@@ -170,7 +171,7 @@ def record_version(
     uri = registry.store_bases(version, bases)
     record = SubspaceRecord(
         version=version, parent_version=parent_version, tasks=[*constraint.parent_tasks, task_id], bases_uri=uri,
-        matrices=matrices, svd_s=round(svd_s, 3),
+        stored_bytes=registry.stored_bytes(version), matrices=matrices, svd_s=round(svd_s, 3),
         general_chat_memory=bool(getattr(constraint, "general_chat_memory", False)),
         method="osft" if isinstance(constraint, SubspaceConstraint) else "full", config=constraint.config)
     return registry.put(record)

@@ -5,22 +5,32 @@ which the gateway reads) say how much is protected. The object store holds the b
 file per version with the reduced SVD (`<name>.U`, `<name>.S`, `<name>.Vh`, fp32) of every matrix that
 can still train, enough for any later k. A worker loads them instead of running an SVD and recomputes
 them when they are missing.
-The task memory (`<name>.memory`, in × r; worker/osft/memory.py) is a second file next to it: no SVD
-can recompute it, so a lost bases file or record does not take it along (versions stored before it
-moved keep it inside the bases file, where `load_memory` still finds it).
+The task memory (in × r per matrix; worker/osft/memory.py) is a second file next to it: no SVD
+can recompute it, so a lost or pruned bases file or record does not take it along (versions stored before
+it moved keep it inside the bases file, where `load_memory` still finds it). Matrices that see the same
+inputs (a layer's q/k/v, and gate/up) have equal memories: each distinct one is stored once, under its
+first matrix's `<name>.memory`, and the file's metadata maps every matrix to its tensor (files written
+before that hold one `<name>.memory` per matrix, no map).
+Only some versions keep their bases (`prune_bases`, after each job: SCULPTOR_REGISTRY_KEEP_BASES); the
+memory is never pruned.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sculptor.storage import ObjectStore
-from sculptor.subspace_records import SubspaceRecords
+from sculptor.subspace_records import SubspaceRecord, SubspaceRecords
 from worker.osft.subspace import Bases
+
+MEMORY_KEYS = "memory_keys"  # safetensors metadata: JSON {matrix name: key of the tensor holding its memory}
 
 
 def _bases_key(version: str) -> str:
@@ -40,19 +50,28 @@ class SubspaceRegistry(SubspaceRecords):
 
     def store_bases(self, version: str, bases: dict[str, Bases]) -> str:
         """Store the bases and, where any, the task memory; returns the bases' URI."""
-        memory = {f"{name}.memory": b.memory.contiguous() for name, b in bases.items() if b.memory is not None}
+        memory = {name: b.memory for name, b in bases.items() if b.memory is not None}
         if memory:
-            self._put(memory, _memory_key(version))
+            self._put_memory(memory, version)
         else:
             self.store.delete(_memory_key(version))  # a stale one, should a version name come back
         return self._put({f"{name}.{part}": getattr(b, part) for name, b in bases.items() for part in ("U", "S", "Vh")},
                          _bases_key(version))
 
-    def _put(self, tensors: dict, key: str) -> str:
+    def _put_memory(self, memory: dict[str, torch.Tensor], version: str) -> None:
+        tensors, keys = distinct_memory(memory)
+        self._put(tensors, _memory_key(version), metadata={MEMORY_KEYS: json.dumps(keys)})
+
+    def _put(self, tensors: dict, key: str, metadata: dict[str, str] | None = None) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "tensors.safetensors"
-            save_file(tensors, str(path))
+            save_file(tensors, str(path), metadata=metadata)
             return self.store.put_file(path, key)
+
+    def stored_bytes(self, version: str) -> int:
+        """What `version`'s bases and task memory take in the object store."""
+        return sum(self.store.size(key) for key in (_bases_key(version), _memory_key(version))
+                   if self.store.exists(key))
 
     def load_memory(self, version: str, names: list[str]) -> dict:
         """The stored task memory of those of `names` that have one (found by key: no record needed;
@@ -64,8 +83,7 @@ class SubspaceRegistry(SubspaceRecords):
             return {}
         with tempfile.TemporaryDirectory() as tmp:
             with safe_open(str(self.store.get_file(key, Path(tmp) / "memory.safetensors")), framework="pt") as f:
-                stored = set(f.keys())
-                return {name: f.get_tensor(f"{name}.memory") for name in names if f"{name}.memory" in stored}
+                return _memory_in(f, names)
 
     def load_bases(self, version: str, names: list[str]) -> dict[str, Bases] | None:
         """The stored bases of `names`, or None when the record, the object or any matrix is missing."""
@@ -81,9 +99,61 @@ class SubspaceRegistry(SubspaceRecords):
                 available = set(f.keys())
                 if any(f"{name}.U" not in available for name in names):
                     return None
-                bases = {name: Bases(f.get_tensor(f"{name}.U"), f.get_tensor(f"{name}.S"), f.get_tensor(f"{name}.Vh"),
-                                     f.get_tensor(f"{name}.memory") if f"{name}.memory" in available else None)
+                bases = {name: Bases(f.get_tensor(f"{name}.U"), f.get_tensor(f"{name}.S"), f.get_tensor(f"{name}.Vh"))
                          for name in names}
-        for name, memory in self._read_memory(_memory_key(version), names).items():
-            bases[name].memory = memory
+                memory = _memory_in(f, names)  # versions stored before the memory had its own file
+        memory.update(self._read_memory(_memory_key(version), names))
+        for name, factor in memory.items():
+            bases[name].memory = factor
         return bases
+
+    def prune_bases(self, keep: set[str]) -> list[str]:
+        """Delete the bases of every version not in `keep` (an SVD of its checkpoint recomputes them when a
+        job trains on it again), keeping its task memory; returns the versions pruned, oldest first.
+        Their records keep no bases_uri, so `load_bases` misses and the next job on one stores them again."""
+        pruned = []
+        for version in self.list_versions():
+            record = self.get(version)
+            if version in keep or record is None or not record.bases_uri:
+                continue
+            self._move_memory_out_of_bases(record)
+            self.store.delete(_bases_key(version))
+            self.put(dataclasses.replace(record, bases_uri=None, stored_bytes=self.stored_bytes(version)))
+            pruned.append(version)
+        return pruned
+
+    def _move_memory_out_of_bases(self, record: SubspaceRecord) -> None:
+        """A version stored before the memory had its own file keeps it in the bases file: save it apart
+        before that file goes."""
+        has_memory = any(m.memory_directions for m in record.matrices.values())
+        if not has_memory or self.store.exists(_memory_key(record.version)):
+            return
+        memory = self._read_memory(_bases_key(record.version), list(record.matrices))
+        if memory:
+            self._put_memory(memory, record.version)
+
+
+def distinct_memory(memory: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each distinct memory tensor once, under the key of the first matrix that has it, and every matrix's
+    key. Exact equality only: merging merely close memories would change what a later job protects."""
+    tensors: dict[str, torch.Tensor] = {}
+    keys: dict[str, str] = {}
+    by_fingerprint: dict[tuple, list[str]] = {}
+    for name, factor in memory.items():
+        # A cheap fingerprint, so that only tensors that may be equal are compared element by element.
+        candidates = by_fingerprint.setdefault((tuple(factor.shape), factor.dtype, float(factor.sum())), [])
+        key = next((k for k in candidates if torch.equal(tensors[k], factor)), None)
+        if key is None:
+            key = f"{name}.memory"
+            tensors[key] = factor.contiguous()
+            candidates.append(key)
+        keys[name] = key
+    return tensors, keys
+
+
+def _memory_in(f, names: list[str]) -> dict[str, torch.Tensor]:
+    """The memory of those of `names` that the open safetensors file `f` holds."""
+    keys = json.loads((f.metadata() or {}).get(MEMORY_KEYS, "{}"))
+    available = set(f.keys())
+    found = {name: keys.get(name, f"{name}.memory") for name in names}  # no map: one key per matrix
+    return {name: f.get_tensor(key) for name, key in found.items() if key in available}

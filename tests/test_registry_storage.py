@@ -1,0 +1,188 @@
+"""The subspace registry's storage stays bounded (issue 18): shared-input memories stored once, the bytes each
+version takes, and the bases pruned to the head and the newest promoted versions, the task memory kept."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from sculptor.config import Settings
+from sculptor.datasets import Hyperparameters
+from sculptor.storage import ObjectStore
+from sculptor.subspace_records import MatrixRecord, SubspaceRecord
+from tests.test_osft_invariant import chat_batches
+from worker.osft import SubspaceRegistry, build_constraint, record_version
+from worker.osft.subspace import Bases, compute_bases
+from worker.training.loop import train
+
+BASES, MEMORY = "registry/{}/bases.safetensors", "registry/{}/memory.safetensors"
+
+
+class CapturingRegistry(SubspaceRegistry):
+    """Keeps what the worker handed over to be stored, to compare with what comes back."""
+
+    def store_bases(self, version, bases):
+        self.handed = {name: b.memory for name, b in bases.items()}
+        return super().store_bases(version, bases)
+
+
+def stored_tensor_count(store: ObjectStore, key: str, tmp_path) -> int:
+    with safe_open(str(store.get_file(key, tmp_path / "read.safetensors")), framework="pt") as f:
+        return len(list(f.keys()))
+
+
+def test_memories_of_matrices_that_share_their_input_are_stored_once(tiny_model_dir, redis_client, tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    registry = CapturingRegistry(redis_client, store)
+    batches = chat_batches(tiny_model_dir, epochs=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    first = build_constraint(model, Hyperparameters(), "base", registry, batches[:1])
+    train(model, batches, first, learning_rate=1e-2, steps_per_epoch=len(batches), bf16_autocast=False)
+    record_version(registry, model, "v1", "base", "task-1", first, memory_batches=batches)
+    # A second task grows the loaded (stored once) memories: still equal where the inputs are shared.
+    second = build_constraint(model, Hyperparameters(), "v1", registry, batches[:1])
+    record = record_version(registry, model, "v2", "v1", "task-2", second, memory_batches=batches)
+
+    handed = registry.handed
+    for layer in (0, 1):
+        attention, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        assert torch.equal(handed[f"{attention}.q_proj"], handed[f"{attention}.k_proj"])
+        assert torch.equal(handed[f"{attention}.q_proj"], handed[f"{attention}.v_proj"])
+        assert torch.equal(handed[f"{mlp}.gate_proj"], handed[f"{mlp}.up_proj"])
+    assert stored_tensor_count(store, MEMORY.format("v2"), tmp_path) == 8 < len(handed) == 14  # 4 inputs a layer
+    names = list(handed)
+    loaded = registry.load_memory("v2", names)
+    assert set(loaded) == set(names) and all(torch.equal(loaded[n], handed[n]) for n in names)
+    bases = registry.load_bases("v2", names)
+    assert all(torch.equal(bases[n].memory, handed[n]) for n in names)
+    assert record.stored_bytes == store.size(BASES.format("v2")) + store.size(MEMORY.format("v2"))
+    assert registry.get("base").stored_bytes == store.size(BASES.format("base"))  # a root: bases, no memory
+
+
+def small_bases(seed: int, memory: bool = True) -> dict[str, Bases]:
+    torch.manual_seed(seed)
+    bases = {name: compute_bases(torch.randn(6, 4)) for name in ("layers.0.q", "layers.0.k")}
+    for b in bases.values():
+        b.memory = torch.randn(4, 2) if memory else None
+    return bases
+
+
+def put_version(registry: SubspaceRegistry, version: str, bases: dict[str, Bases]) -> None:
+    uri = registry.store_bases(version, bases)
+    matrices = {name: MatrixRecord(m=4, k=2, protected_ratio=0.5, spent=False, memory_directions=2) for name in bases}
+    registry.put(SubspaceRecord(version=version, matrices=matrices, bases_uri=uri,
+                                stored_bytes=registry.stored_bytes(version)))
+
+
+def test_memory_files_written_before_the_map_still_load(redis_client, tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    registry = SubspaceRegistry(redis_client, store)
+    put_version(registry, "v1", small_bases(0))
+    older = small_bases(1)  # files as written before: one `<name>.memory` per matrix, no metadata
+    save_file({f"{name}.memory": b.memory for name, b in older.items()}, tmp_path / "memory.safetensors")
+    store.put_file(tmp_path / "memory.safetensors", MEMORY.format("v1"))
+    names = list(older)
+    assert all(torch.equal(registry.load_memory("v1", names)[n], older[n].memory) for n in names)
+    assert all(torch.equal(registry.load_bases("v1", names)[n].memory, older[n].memory) for n in names)
+
+
+def test_pruning_deletes_the_bases_and_keeps_every_memory(redis_client, tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    registry = SubspaceRegistry(redis_client, store)
+    stored = {version: small_bases(seed) for seed, version in enumerate(("v1", "v2", "v3"))}
+    for version, bases in stored.items():
+        put_version(registry, version, bases)
+    # v1 as stored before the memory had its own file: inside the bases file, which pruning deletes.
+    store.delete(MEMORY.format("v1"))
+    save_file({f"{name}.{part}": getattr(b, part) for name, b in stored["v1"].items()
+               for part in ("U", "S", "Vh", "memory")}, tmp_path / "old.safetensors")
+    store.put_file(tmp_path / "old.safetensors", BASES.format("v1"))
+    names = list(stored["v1"])
+
+    assert registry.prune_bases({"v3"}) == ["v1", "v2"]
+    for version in ("v1", "v2"):
+        record = registry.get(version)
+        assert record.bases_uri is None and not store.exists(BASES.format(version))
+        assert registry.load_bases(version, names) is None  # a miss: the next job recomputes them
+        memory = registry.load_memory(version, names)
+        assert all(torch.equal(memory[n], stored[version][n].memory) for n in names)
+        assert record.stored_bytes == store.size(MEMORY.format(version))
+        assert registry.summary(version).stored_bytes == record.stored_bytes and not registry.summary(version).has_bases
+    assert registry.load_bases("v3", names) is not None and registry.get("v3").bases_uri
+    assert registry.prune_bases({"v3"}) == []  # nothing left to prune
+
+
+def test_object_size_is_the_stored_bytes(tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    store.put_bytes("registry/v1/x.bin", b"12345")
+    assert store.size("registry/v1/x.bin") == 5
+    with pytest.raises(FileNotFoundError):
+        store.size("registry/v1/missing.bin")
+
+
+def test_bases_retention_setting(monkeypatch):
+    assert Settings().registry_keep_bases == 3
+    monkeypatch.setenv("SCULPTOR_REGISTRY_KEEP_BASES", "5")
+    assert Settings().registry_keep_bases == 5
+    monkeypatch.setenv("SCULPTOR_REGISTRY_KEEP_BASES", "0")
+    with pytest.raises(ValueError, match=re.escape("registry_keep_bases")):
+        Settings()
+
+
+@pytest.fixture
+def keep_one_ctx(tmp_path, redis_url, redis_client, tiny_learner_dir):
+    from sculptor.bootstrap import ensure_initial_version
+    from sculptor.context import Context
+    from tests.test_pipeline import SMALL_GATES
+
+    settings = Settings(var_dir=tmp_path / "var", redis_url=redis_url, base_model_dir=str(tiny_learner_dir),
+                        registry_keep_bases=1, **SMALL_GATES)
+    context = Context.from_settings(settings)
+    ensure_initial_version(settings, context.redis, context.store)
+    return context
+
+
+def test_a_rejected_candidate_loses_its_bases_keeps_its_memory_and_can_be_forced(keep_one_ctx):
+    from sculptor import lineage
+    from service.api.routes.registry import registry_overview
+    from tests.test_pipeline import examples, submit
+    from worker import pipeline
+
+    ctx = keep_one_ctx
+    store, registry = ctx.store, SubspaceRegistry(ctx.redis, ctx.store)
+    _, job = submit(ctx, "barely", examples("name the colour", "blue sky"), learning_rate=1e-7, epochs=1)
+    rejected = pipeline.run_job(ctx, job.job_id)
+    assert rejected.status == "rejected" and rejected.candidate_version == "v1"
+    assert rejected.training.subspace.stored_bytes > 0  # the job report says what its candidate stored
+    assert not store.exists(BASES.format("v1")) and registry.get("v1").bases_uri is None
+    assert store.exists(BASES.format("v0"))  # the head keeps its bases
+    names = list(registry.get("v1").matrices)
+    memory = registry.load_memory("v1", names)
+    assert memory and all(m.shape[1] > 0 for m in memory.values())
+    assert registry.get("v1").stored_bytes == store.size(MEMORY.format("v1"))
+
+    lineage.force_promote(ctx.versions, ctx.jobs, ctx.store, rejected)
+    # Without the memory's protection, so that the tiny model has the room to learn a second task; the job
+    # passes v1's memory on unchanged, which shows that it found it.
+    _, job = submit(ctx, "greet", examples("say the greeting", "hello world"), task_memory=False)
+    done = pipeline.run_job(ctx, job.job_id)
+    assert done.status == "promoted", done.error
+    assert done.training.constraint.registry_hit is False and done.training.constraint.memory_lost == []
+    assert all(m.memory_directions == memory[name].shape[1] for name, m in registry.get("v2").matrices.items())
+
+    # Kept: the head v2 (the newest promoted); v1's bases, stored again by the SVD of job 2, and v0's are pruned.
+    assert store.exists(BASES.format("v2")) and not store.exists(BASES.format("v1"))
+    assert not store.exists(BASES.format("v0"))
+    again = registry.load_memory("v1", names)
+    assert all(torch.equal(again[n], memory[n]) for n in names)
+
+    overview = registry_overview(ctx)
+    sizes = {v.version: v.stored_bytes for v in overview.versions}
+    assert sizes["v1"] == store.size(MEMORY.format("v1")) and sizes["v0"] == 0
+    assert sizes["v2"] == store.size(BASES.format("v2")) + store.size(MEMORY.format("v2"))
+    assert overview.stored_bytes == sum(sizes.values())
+    assert json.loads(overview.model_dump_json())["stored_bytes"] == overview.stored_bytes
