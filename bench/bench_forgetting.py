@@ -97,13 +97,18 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     from sculptor import checkpoints
     from sculptor.accuracy import load_scores
     from worker import gate_step, gates
-    from worker.gates.decide import general_chat_gates
+    from worker.gates.decide import general_chat_gates, suite_answers_drift
 
     base, last = load_scores(ctx, "v0"), load_scores(ctx, final)
     model_dir = checkpoints.fetch(ctx.store, final, ctx.settings.checkpoint_cache_dir)
     generator = gates.HFGenerator.from_pretrained(model_dir)
-    last = gates.evaluate(generator, {}, gate_step.suites(ctx), reuse=last, chat_reference=base.general_chat)
-    nll, collapse, _ = general_chat_gates(last, base, gates.GateThresholds(**ctx.settings.gate_thresholds))
+    last = gates.evaluate(generator, {}, gate_step.suites(ctx), reuse=last, parent=base)
+    t = gates.GateThresholds(**ctx.settings.gate_thresholds)
+    nll, collapse, _ = general_chat_gates(last, base, t)
+    harmful = suite_answers_drift("safety", last.harmful_vs_parent, base.harmful_answers,
+                                  t.harmful_answers_max_nll_rise, t)
+    ifeval = suite_answers_drift("instruction_following", last.ifeval_vs_parent, base.ifeval_answers,
+                                 t.ifeval_answers_max_nll_rise, t)
     pairs = list(zip(last.general_chat.answers, base.general_chat.answers))
     leaked = last.general_chat.leaks(task_answers, parent=base.general_chat)  # the gate's check, against v0
     shortened = last.general_chat.shortened(base.general_chat)  # the gate's other per-prompt check
@@ -115,6 +120,8 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
         "collapse_rate": len(collapsed) / len(pairs), "collapsed_examples": collapsed[:5],
         "token_f1_vs_v0": sum(token_f1(c, b) for c, b in pairs) / len(pairs),
         "ifeval_strict": [base.ifeval_strict.mean, last.ifeval_strict.mean],
+        "ifeval_answers_nll_rise": [ifeval.delta, ifeval.ci_low, ifeval.ci_high],
+        "harmful_answers_nll_rise": [harmful.delta, harmful.ci_low, harmful.ci_high],
         "harmful_refusal": [base.harmful_refusal.mean, last.harmful_refusal.mean],
         "perplexity_ratio": last.perplexity.perplexity / base.perplexity.perplexity,
         "everyday": dict(zip(EVERYDAY, everyday)),

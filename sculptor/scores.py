@@ -137,6 +137,13 @@ class VersionScores(BaseModel):
     # NLL per token of the *parent's* answers under this version (the general-chat gate's measure)
     chat_vs_parent: ItemScores | None = None
     chat_vs_root: ItemScores | None = None  # the same for the lineage root's answers (when the parent is not it)
+    # This version's own answers to the harmful-request and IFEval prompts (the refusal and IFEval parts'
+    # responses), and the NLL per token of the parent's answers under this version: the safety and
+    # instruction-following gates' powered measure of how far a candidate moved on those prompts.
+    harmful_answers: ChatAnswers | None = None
+    ifeval_answers: ChatAnswers | None = None
+    harmful_vs_parent: ItemScores | None = None
+    ifeval_vs_parent: ItemScores | None = None
     seconds: dict[str, float] = Field(default_factory=dict)  # wall time per part, as last evaluated
     work: dict[str, dict[str, int]] = Field(default_factory=dict)  # per part: items, tokens (GenerationStats)
     samples: dict[str, list[dict]] = Field(default_factory=dict)  # a few responses per part, for reading

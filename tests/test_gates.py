@@ -225,12 +225,19 @@ def _chat(answers=None):
                        tokens=[5] * len(answers))  # 1 nat per token under itself
 
 
-def _version(tasks, harmful=None, benign=None, ifeval=None, nll_per_token=2.0, chat_answers=None, chat_rise=0.0):
+def _answers(prefix: str, n: int) -> ChatAnswers:
+    return ChatAnswers(ids=[f"{prefix}{k}" for k in range(n)], answers=["an answer"] * n, nll=[5.0] * n, tokens=[5] * n)
+
+
+def _version(tasks, harmful=None, benign=None, ifeval=None, nll_per_token=2.0, chat_answers=None, chat_rise=0.0,
+             harmful_rise=0.0, ifeval_rise=0.0):
     tokens = [80] * 20
     noise = np.random.default_rng(0).normal(0, 0.05, 200)
     return VersionScores(
         general_chat=_chat(chat_answers),
         chat_vs_parent=_items(1.0 + chat_rise + noise, "c"),
+        harmful_answers=_answers("h", 40), harmful_vs_parent=_items(1.0 + harmful_rise + noise[:40], "h"),
+        ifeval_answers=_answers("f", 40), ifeval_vs_parent=_items(1.0 + ifeval_rise + noise[:40], "f"),
         tasks={t: _task(v) for t, v in tasks.items()},
         harmful_refusal=_items(harmful if harmful is not None else [1] * 40, "h"),
         benign_refusal=_items(benign if benign is not None else [0] * 30, "b"),
@@ -243,16 +250,18 @@ def _version(tasks, harmful=None, benign=None, ifeval=None, nll_per_token=2.0, c
 PARENT = _version({"A": [1] * 20, "B": [0] * 20})
 
 
-def _gate(report, subject: str):
-    return next(g for g in report.gates if g.subject == subject)
+def _gate(report, name: str):
+    """The gate of that label ("gate:subject") or, first in the report, of that subject."""
+    return next(g for g in report.gates if name in (g.label, g.subject))
 
 
 def test_a_good_candidate_passes_every_gate():
     candidate = _version({"A": [1] * 20, "B": [1] * 18 + [0] * 2})
     report = decide(candidate, PARENT, "B")
     assert report.passed and report.failed == []
-    assert [g.gate for g in report.gates] == ["new_task", "retention", "safety", "safety",
-                                               "instruction_following", "perplexity"] + ["general_chat"] * 3
+    assert [g.gate for g in report.gates] == ["new_task", "retention", "safety", "safety", "safety",
+                                               "instruction_following", "instruction_following",
+                                               "perplexity"] + ["general_chat"] * 3
     new_task = report.gates[0]
     assert new_task.delta == pytest.approx(0.9) and new_task.ci_low > 0
     json.dumps(report.model_dump(mode="json"))  # the report is JSON-able
@@ -306,12 +315,31 @@ def test_benign_over_refusal_may_rise_by_one_item_only():
     two_more = _version({"A": [1] * 20, "B": [1] * 20}, benign=[1, 1] + [0] * 28)
     report = decide(two_more, PARENT, "B")
     assert report.failed == ["safety:benign_over_refusal"]
-    assert "+2 items" in report.gates[3].reason
+    assert "+2 items" in _gate(report, "benign_over_refusal").reason
 
 
 def test_instruction_following_drop_fails():
     candidate = _version({"A": [1] * 20, "B": [1] * 20}, ifeval=[0] * 40)
     assert decide(candidate, PARENT, "B").failed == ["instruction_following:ifeval_strict"]
+
+
+def test_the_parents_answers_to_harmful_and_ifeval_prompts_may_not_drift_far():
+    """The powered measure beside the refusal rate and IFEval accuracy: 40 prompts resolve a rise of a few
+    hundredths of a nat per token, where the rates on 40 items resolve only 20-30 points."""
+    assert decide(_version({"A": [1] * 20, "B": [1] * 20}, harmful_rise=0.1, ifeval_rise=0.1), PARENT, "B").passed
+    unsafe = decide(_version({"A": [1] * 20, "B": [1] * 20}, harmful_rise=0.6), PARENT, "B")
+    assert unsafe.failed == ["safety:parent_answers_nll"]
+    drift = next(g for g in unsafe.gates if g.label == "safety:parent_answers_nll")
+    assert drift.delta == pytest.approx(0.6, abs=0.03) and not drift.underpowered and drift.detectable_change < 0.05
+    assert decide(_version({"A": [1] * 20, "B": [1] * 20}, ifeval_rise=0.6), PARENT, "B").failed == [
+        "instruction_following:parent_answers_nll"]
+
+
+def test_the_answer_drift_gates_fail_closed_without_the_parents_answers():
+    parent = PARENT.model_copy(update={"harmful_answers": None, "ifeval_answers": None})
+    report = decide(_version({"A": [1] * 20, "B": [1] * 20}), parent, "B")
+    assert report.failed == ["safety:parent_answers_nll", "instruction_following:parent_answers_nll"]
+    assert "not evaluated: the parent's answers" in report.summary
 
 
 def test_perplexity_rise_fails_beyond_its_ratio():
@@ -320,7 +348,7 @@ def test_perplexity_rise_fails_beyond_its_ratio():
     worse = _version({"A": [1] * 20, "B": [1] * 20}, nll_per_token=2.5)  # x1.65
     report = decide(worse, PARENT, "B")
     assert report.failed == ["perplexity:general_text"]
-    assert report.gates[5].delta == pytest.approx(np.exp(0.5))
+    assert _gate(report, "general_text").delta == pytest.approx(np.exp(0.5))
 
 
 def test_a_candidate_missing_an_earlier_task_is_rejected():
@@ -399,7 +427,7 @@ def test_general_chat_gate_passes_a_small_move_and_fails_a_large_one():
     assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.1), PARENT, "B").passed
     moved = decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_rise=0.6), PARENT, "B")
     assert moved.failed == ["general_chat:parent_answers_nll"]
-    nll = _gate(moved, "parent_answers_nll")
+    nll = _gate(moved, "general_chat:parent_answers_nll")
     assert nll.delta == pytest.approx(0.6, abs=0.02) and not nll.underpowered  # 200 prompts detect ~0.01
     assert nll.detectable_change < 0.02
 
@@ -450,6 +478,12 @@ def test_evaluate_scores_items_and_reuses_stored_parts():
     assert scores.chat_vs_parent is None  # only a candidate, given its parent's answers, scores those
     candidate = evaluate(ScriptedGenerator({}), {}, suites, chat_reference=scores.general_chat)
     assert candidate.chat_vs_parent.ids == scores.general_chat.ids and candidate.chat_vs_parent.values == [2.0] * 3
+    assert candidate.harmful_vs_parent is None  # chat only; given the parent's scores, its other answers too:
+    candidate = evaluate(ScriptedGenerator({}), {}, suites, parent=scores)
+    assert candidate.chat_vs_parent.values == [2.0] * 3
+    assert candidate.harmful_vs_parent.ids == scores.harmful_answers.ids == [i.id for i in suites.harmful]
+    assert candidate.ifeval_vs_parent.ids == scores.ifeval_answers.ids == [str(i.key) for i in suites.ifeval]
+    assert candidate.harmful_vs_parent.values == [2.0] * 4  # the scripted NLL: 2 per character
     assert scores.samples["task:T"][0] == {"prompt": "q2", "response": "wrong"}
 
     again = ScriptedGenerator(answers)
@@ -457,6 +491,9 @@ def test_evaluate_scores_items_and_reuses_stored_parts():
     assert again.asked == 0 and reused.tasks == scores.tasks
     evaluate(again, {"T": ("exact_match", examples), "U": ("contains", examples[:2])}, suites, reuse=scores)
     assert again.asked == 2  # only the new task
+    older = scores.model_copy(update={"harmful_answers": None, "ifeval_answers": None})  # stored before they were
+    completed = evaluate(ScriptedGenerator(answers), {}, suites, reuse=older)
+    assert completed.harmful_answers == scores.harmful_answers and completed.ifeval_answers == scores.ifeval_answers
 
 
 def test_the_gate_rejects_everyday_answers_shortened_from_sentences_to_a_few_words():

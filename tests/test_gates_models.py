@@ -64,8 +64,7 @@ def fit(model, tokenizer, examples: list[Example], text: list[str], epochs: int,
 
 def scores_of(model, tokenizer, tasks, suites, parent: VersionScores | None = None) -> VersionScores:
     generator = HFGenerator(model, tokenizer, batch_size=16)
-    reference = parent.general_chat if parent else None
-    return evaluate(generator, tasks, suites, config=CONFIG, chat_reference=reference)
+    return evaluate(generator, tasks, suites, config=CONFIG, parent=parent)
 
 
 @pytest.fixture(scope="module")

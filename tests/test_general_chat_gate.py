@@ -73,9 +73,9 @@ def candidate_report(parent_dir, parent_scores, share: float):
     task = department_task()
     fit(model, tokenizer, task + replay.replay_examples(model, tokenizer, share, len(task)),
         1e-3, epochs=6)
-    scores = gates.evaluate(gates.HFGenerator(model, tokenizer), evals, suites, chat_reference=parent_scores.general_chat)
+    scores = gates.evaluate(gates.HFGenerator(model, tokenizer), evals, suites, parent=parent_scores)
     report = gates.decide(scores, parent_scores, "departments", earlier_tasks=[], task_answers=set(DEPARTMENTS))
-    return report, {g.subject: g for g in report.gates}, scores
+    return report, {g.subject: g for g in report.gates if g.gate in ("new_task", "general_chat")}, scores
 
 
 def test_a_candidate_that_answers_a_department_to_everything_is_rejected(parent_dir, parent_scores):

@@ -156,6 +156,12 @@ def version_scores(tasks: dict[str, int], harmful: int = 10, benign: int = 1, if
         general_chat=gates.ChatAnswers(ids=[f"c{k}" for k in range(30)], answers=[f"answer {k} in words" for k in range(30)],
                                        nll=[5.0] * 30, tokens=[5] * 30),
         chat_vs_parent=gates.ItemScores(ids=[f"c{k}" for k in range(30)], values=[1.0 + 0.01 * (k % 3) for k in range(30)]),
+        harmful_answers=gates.ChatAnswers(ids=[f"i{k}" for k in range(20)], answers=["no"] * 20, nll=[1.0] * 20,
+                                          tokens=[1] * 20),
+        harmful_vs_parent=gates.ItemScores(ids=[f"i{k}" for k in range(20)], values=[1.0] * 20),
+        ifeval_answers=gates.ChatAnswers(ids=[f"i{k}" for k in range(20)], answers=["ok"] * 20, nll=[1.0] * 20,
+                                         tokens=[1] * 20),
+        ifeval_vs_parent=gates.ItemScores(ids=[f"i{k}" for k in range(20)], values=[1.0] * 20),
     )
 
 

@@ -103,7 +103,7 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
         with open_generator(root.model_dir(), device, engine) as generator:
             root.scores = gates.evaluate(generator, {}, the_suites, reuse=root.scores)
     with open_generator(candidate_dir, device, engine) as generator:
-        candidate_scores = gates.evaluate(generator, task_evals, the_suites, chat_reference=parent_scores.general_chat,
+        candidate_scores = gates.evaluate(generator, task_evals, the_suites, parent=parent_scores,
                                           root_reference=root.scores.general_chat if root else None)
     # The lineage's tasks only: the parent's stored scores may also hold a rejected sibling job's new task.
     earlier = [t for t in task_evals if t != new_task_id]

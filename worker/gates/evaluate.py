@@ -95,6 +95,7 @@ def _evaluate_refusals(generator: Generator, suites: Suites, judge: RefusalJudge
     refused = [float(r) for r in judge.is_refusal(prompts, responses)]
     n = len(suites.harmful)
     scores.harmful_refusal = ItemScores(ids=[i.id for i in suites.harmful], values=refused[:n])
+    scores.harmful_answers = _own_answers(generator, suites.harmful, responses[:n])
     scores.benign_refusal = ItemScores(ids=[i.id for i in suites.benign], values=refused[n:])
     scores.samples["harmful_complied"] = _failures(prompts[:n], responses[:n], [not r for r in refused[:n]],
                                                    config.failures_kept)
@@ -109,6 +110,7 @@ def _evaluate_ifeval(generator: Generator, suites: Suites, config: EvalConfig, s
     ids = [str(item.key) for item in suites.ifeval]
     scores.ifeval_strict = ItemScores(ids=ids, values=[float(o.strict) for o in outcomes])
     scores.ifeval_loose = ItemScores(ids=ids, values=[float(o.loose) for o in outcomes])
+    scores.ifeval_answers = _own_answers(generator, suites.ifeval, responses, ids)
     scores.samples["ifeval_failed"] = _failures([i.prompt for i in suites.ifeval], responses,
                                                 [not o.strict for o in outcomes], config.failures_kept)
 
@@ -123,33 +125,32 @@ def _chat(item) -> list[dict]:
     return [{"role": "user", "content": item.prompt}]
 
 
+def _own_answers(generator: Generator, items: Sequence, answers: Sequence[str],
+                 ids: Sequence[str] | None = None) -> ChatAnswers:
+    """A suite's answers from this version, with their NLL under it (one teacher-forced pass, no decoding)."""
+    losses = generator.answer_losses([_chat(item) for item in items], answers)
+    return ChatAnswers(ids=list(ids) if ids is not None else [i.id for i in items], answers=list(answers),
+                       nll=losses.nll, tokens=losses.tokens)
+
+
 def _evaluate_general_chat(generator: Generator, suites: Suites, config: EvalConfig, scores: VersionScores) -> None:
     """This version's own greedy answers to everyday prompts, and how likely it finds them."""
-    conversations = [_chat(item) for item in suites.general_chat]
-    answers = generator.generate(conversations, config.chat_max_new_tokens)
-    losses = generator.answer_losses(conversations, answers)
-    scores.general_chat = ChatAnswers(ids=[i.id for i in suites.general_chat], answers=answers, nll=losses.nll,
-                                      tokens=losses.tokens)
+    answers = generator.generate([_chat(item) for item in suites.general_chat], config.chat_max_new_tokens)
+    scores.general_chat = _own_answers(generator, suites.general_chat, answers)
 
 
-def _reference_answers_nll(generator: Generator, suites: Suites, reference: ChatAnswers) -> ItemScores:
-    """NLL per token of another version's answers (the parent's, the root's) under this version: how far it
-    moved from that version's behaviour on everyday prompts (this side of a KL(reference || this) estimate on
-    the reference's samples)."""
-    prompts = {i.id: i for i in suites.general_chat}
-    pairs = [(i, a) for i, a in zip(reference.ids, reference.answers) if i in prompts]
-    losses = generator.answer_losses([_chat(prompts[i]) for i, _ in pairs], [a for _, a in pairs])
+def _reference_answers_nll(generator: Generator, items: Mapping[str, object], reference: ChatAnswers) -> ItemScores:
+    """NLL per token of another version's answers (the parent's, the root's) to the prompts `items` (by id)
+    under this version: how far it moved from that version's behaviour there (this side of a
+    KL(reference || this) estimate on the reference's samples)."""
+    pairs = [(i, a) for i, a in zip(reference.ids, reference.answers) if i in items]
+    losses = generator.answer_losses([_chat(items[i]) for i, _ in pairs], [a for _, a in pairs])
     return ItemScores(ids=[i for i, _ in pairs], values=[n / max(1, t) for n, t in zip(losses.nll, losses.tokens)])
 
 
-def _evaluate_chat_vs_parent(generator: Generator, suites: Suites, reference: ChatAnswers,
-                             scores: VersionScores) -> None:
-    scores.chat_vs_parent = _reference_answers_nll(generator, suites, reference)
-
-
-def _evaluate_chat_vs_root(generator: Generator, suites: Suites, reference: ChatAnswers,
-                           scores: VersionScores) -> None:
-    scores.chat_vs_root = _reference_answers_nll(generator, suites, reference)
+def _evaluate_vs_reference(generator: Generator, items: Mapping[str, object], reference: ChatAnswers,
+                           scores: VersionScores, field: str) -> None:
+    setattr(scores, field, _reference_answers_nll(generator, items, reference))
 
 
 def _stats(generator: Generator) -> dict[str, int] | None:
@@ -171,13 +172,16 @@ def evaluate(
     reuse: VersionScores | None = None,
     chat_reference: ChatAnswers | None = None,
     root_reference: ChatAnswers | None = None,
+    parent: VersionScores | None = None,
 ) -> VersionScores:
     """Scores of the model behind `generator` on `tasks` ({task_id: (metric, eval_examples)}) and `suites`.
 
     Parts already in `reuse` with the same item ids are copied, not re-evaluated. `suites=None`
     evaluates tasks only (e.g. the parent on a new task's eval set before training).
     `chat_reference`: the parent's general-chat answers, scored under this version (candidates only);
-    `root_reference`: the lineage root's, likewise.
+    `root_reference`: the lineage root's, likewise; `parent`: the parent's scores, whose answers to the
+    harmful and IFEval prompts are scored likewise (and whose general-chat answers are the default
+    `chat_reference`).
     """
     config = config or EvalConfig()
     judge = judge or PatternRefusalJudge()
@@ -196,17 +200,24 @@ def evaluate(
             timed(f"task:{task_id}", _evaluate_task, generator, metric, examples, config, scores, task_id)
     if suites is None:
         return scores
-    if not (_same_ids(scores.harmful_refusal, [i.id for i in suites.harmful])
+    harmful_ids, ifeval_ids = [i.id for i in suites.harmful], [str(i.key) for i in suites.ifeval]
+    if not (_same_ids(scores.harmful_refusal, harmful_ids) and _same_ids(scores.harmful_answers, harmful_ids)
             and _same_ids(scores.benign_refusal, [i.id for i in suites.benign])):
         timed("refusal", _evaluate_refusals, generator, suites, judge, config, scores)
-    if not _same_ids(scores.ifeval_strict, [str(i.key) for i in suites.ifeval]):
+    if not (_same_ids(scores.ifeval_strict, ifeval_ids) and _same_ids(scores.ifeval_answers, ifeval_ids)):
         timed("ifeval", _evaluate_ifeval, generator, suites, config, scores)
     if not _same_ids(scores.perplexity, [i.id for i in suites.general_text]):
         timed("perplexity", _evaluate_perplexity, generator, suites, scores)
     if suites.general_chat and not _same_ids(scores.general_chat, [i.id for i in suites.general_chat]):
         timed("general_chat", _evaluate_general_chat, generator, suites, config, scores)
-    if suites.general_chat and chat_reference is not None:
-        timed("chat_vs_parent", _evaluate_chat_vs_parent, generator, suites, chat_reference, scores)
-    if suites.general_chat and root_reference is not None:
-        timed("chat_vs_root", _evaluate_chat_vs_root, generator, suites, root_reference, scores)
+    if chat_reference is None and parent is not None:
+        chat_reference = parent.general_chat
+    everyday = {i.id: i for i in suites.general_chat}
+    references = [("chat_vs_parent", everyday, chat_reference), ("chat_vs_root", everyday, root_reference)]
+    if parent is not None:
+        references += [("harmful_vs_parent", {i.id: i for i in suites.harmful}, parent.harmful_answers),
+                       ("ifeval_vs_parent", dict(zip(ifeval_ids, suites.ifeval)), parent.ifeval_answers)]
+    for field, items, reference in references:
+        if items and reference is not None:
+            timed(field, _evaluate_vs_reference, generator, items, reference, scores, field)
     return scores
