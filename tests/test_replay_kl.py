@@ -2,7 +2,8 @@
 
   - the loss it trains on is the token cross-entropy where a row has no parent distribution, and the
     cross-entropy to the parent's distribution where it has one (loop.py: batch_loss);
-  - the distribution is the parent's own: its greedy token first, k tokens, each row summing to 1;
+  - the distribution is the parent's own: its greedy token first, k tokens with the parent's probabilities
+    (the rest of the mass is "every other token", which the loss keeps, so the model is not sharpened);
   - a job with it on learns the replayed answers that way and says so in its report.
 """
 
@@ -58,16 +59,35 @@ def test_the_parent_distribution_is_the_parents_own(tiny):
     learned = [p for p in range(1, len(example.labels)) if example.labels[p] != IGNORE_INDEX]
     assert example.parent.positions == learned
     assert example.parent.token_ids.shape == (len(learned), 8)
-    assert torch.allclose(example.parent.probs.sum(-1), torch.ones(len(learned)))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([example.input_ids])).logits[0]
-    greedy = logits[torch.tensor(learned) - 1].argmax(-1)
-    assert torch.equal(example.parent.token_ids[:, 0], greedy)
+    parent = logits[torch.tensor(learned) - 1].softmax(-1)
+    assert torch.equal(example.parent.token_ids[:, 0], parent.argmax(-1))
+    assert torch.allclose(example.parent.probs, parent.gather(-1, example.parent.token_ids), atol=1e-6)
+    assert (example.parent.probs.sum(-1) < 1).all()  # the tiny model spreads its mass: the rest is kept apart
     # And it is a distribution, not the answer's tokens: the loss to it differs from the answer's cross-entropy.
     with torch.no_grad():
         soft = batch_loss(model, collate([example], tokenizer.pad_token_id))
         hard = batch_loss(model, collate([TokenizedExample(example.input_ids, example.labels)], tokenizer.pad_token_id))
     assert not torch.isclose(soft, hard, atol=1e-3)
+
+
+def test_at_the_parent_the_loss_is_the_entropy_of_its_coarse_distribution(tiny):
+    """The KL term is 0 at the parent: the loss there is the entropy of (top k, rest), and any other model
+    scores higher. Renormalising the top k instead would reward a model that drops the rest of the vocabulary."""
+    model, tokenizer = tiny
+    [example] = replay.with_parent_distribution(model, chats(tokenizer, ("say hi", "hello there")),
+                                                tokenizer.pad_token_id, k=4)
+    probs = example.parent.probs
+    rest = 1 - probs.sum(-1)
+    entropy = -((probs * probs.log()).sum(-1) + rest * rest.log()).mean()
+    with torch.no_grad():
+        at_parent = batch_loss(model, collate([example], tokenizer.pad_token_id))
+        model.lm_head.weight.mul_(3.0)  # another model: the (tied) head and embeddings scaled
+        sharper = batch_loss(model, collate([example], tokenizer.pad_token_id))
+        model.lm_head.weight.div_(3.0)
+    assert at_parent == pytest.approx(float(entropy), abs=1e-4)
+    assert sharper > at_parent + 0.01
 
 
 def test_training_on_a_distribution_moves_the_model_towards_it(tiny):

@@ -13,13 +13,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ParentDistribution:
-    """The parent's next-token distribution at each learned position of one example, kept to its `k` most
-    likely tokens and renormalised (worker/training/replay.py: with_parent_distribution). Training on it is
-    a KL term to the parent there, in place of the cross-entropy on the example's own tokens."""
+    """The parent's next-token distribution at each learned position of one example: its `k` most likely
+    tokens, and the rest of the vocabulary as one more outcome holding the remaining mass
+    (worker/training/replay.py: with_parent_distribution). Training on it is a KL term to the parent there,
+    in place of the cross-entropy on the example's own tokens."""
 
     positions: list[int]  # label positions (indices into input_ids) the distribution predicts
     token_ids: torch.Tensor  # [len(positions), k]
-    probs: torch.Tensor  # [len(positions), k], each row sums to 1
+    probs: torch.Tensor  # [len(positions), k]; 1 - a row's sum is the parent's mass on every other token
 
 
 @dataclass
@@ -73,8 +74,9 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
 
 
 def soft_targets(examples: list[TokenizedExample], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, width, k] token ids and probabilities to learn at each position: the parent's distribution
-    where an example has one, else all of the mass on the label (so that row's loss is its cross-entropy)."""
+    """[batch, width, k] token ids and probabilities to learn at each position: the parent's top k where an
+    example has them (what they leave is the rest of the vocabulary's, loop.py: batch_loss), else all of the
+    mass on the label (so that row's loss is its cross-entropy)."""
     k = max(e.parent.token_ids.shape[1] for e in examples if e.parent is not None)
     ids = torch.zeros((*labels.shape, k), dtype=torch.long)
     probs = torch.zeros((*labels.shape, k))

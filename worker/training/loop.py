@@ -87,17 +87,23 @@ class LRSchedule:
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean loss per learned token. A batch with soft targets (data.py: soft_targets; the parent's
-    distribution on replayed answers) learns each position's target distribution: the cross-entropy to it,
-    which is the KL term to the parent plus a constant, and exactly the token cross-entropy on one-hot rows.
+    """Mean loss per learned token. A batch with soft targets (data.py: soft_targets; the parent's top-k
+    distribution on replayed answers) learns each position's target distribution over the k tokens and
+    "every other token" as one outcome: the cross-entropy to it, which is the KL term to the parent (on that
+    coarser distribution) plus a constant, and exactly the token cross-entropy on one-hot rows.
+    Why the tail outcome: renormalising the top k to 1 would teach the model to give no mass at all to the
+    rest of the vocabulary there, sharpening it everywhere (the first run of this term raised perplexity on
+    general text x1.106 after the department task, where the sampled replay stayed within x1.1).
     Hand-written because transformers' loss takes hard labels only."""
     if "target_ids" not in batch:
         return model(**batch).loss
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1].float()
     ids, probs = batch["target_ids"][:, 1:], batch["target_probs"][:, 1:]
     log_probs = logits.gather(-1, ids) - logits.logsumexp(-1, keepdim=True)
+    rest = (1 - probs.sum(-1)).clamp(min=0)  # the target's mass outside the k tokens
+    log_rest = torch.log1p(-log_probs.exp().sum(-1).clamp(max=1 - 1e-6))  # the model's
     learned = batch["labels"][:, 1:] != IGNORE_INDEX
-    return -(probs * log_probs).sum(-1)[learned].mean()
+    return -((probs * log_probs).sum(-1) + rest * log_rest)[learned].mean()
 
 
 def train(

@@ -25,7 +25,7 @@ from worker.training.data import IGNORE_INDEX, ParentDistribution, TokenizedExam
 POOL = Path(__file__).with_name("replay_prompts.jsonl")
 ANSWER_MAX_TOKENS = 96  # long enough that most everyday answers end on their own
 BATCH = 32
-TOP_K = 32  # tokens kept of the parent's distribution per position; SmolLM2 puts nearly all its mass there
+TOP_K = 32  # tokens of the parent's distribution kept apart per position; the rest is one outcome
 # Why a floor: share x examples is too few for a small task. A 16-fact task with 8 replayed answers left
 # SmolLM2 answering 18-38 of the 244 everyday gate prompts in the task's format or in a few words where it
 # used a sentence before ("What is the capital of France?" -> "Loten City"); with 32, 2-3 of them.
@@ -77,8 +77,9 @@ def replay_examples(model, tokenizer, share: float, task_examples: int, seed: in
 @torch.no_grad()  # not inference_mode: these tensors are copied into training batches later
 def with_parent_distribution(model, tokenized: list[TokenizedExample], pad_id: int, k: int = TOP_K,
                              batch_size: int = 8) -> list[TokenizedExample]:
-    """`tokenized` with the parent's (`model`, before any step) top-k next-token distribution at each learned
-    position, renormalised over those k, for the training loss to match (loop.py: batch_loss)."""
+    """`tokenized` with the parent's (`model`, before any step) top-k next-token probabilities at each learned
+    position (the rest of its mass is on every other token), for the training loss to match (loop.py:
+    batch_loss)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -90,7 +91,6 @@ def with_parent_distribution(model, tokenized: list[TokenizedExample], pad_id: i
             labels = torch.tensor(example.labels)
             positions = (labels[1:] != IGNORE_INDEX).nonzero().squeeze(1) + 1  # logits at p - 1 predict p
             top = logits[row, positions.to(device) - 1].log_softmax(-1).topk(min(k, logits.shape[-1]))
-            probs = top.values.exp()
             out.append(TokenizedExample(example.input_ids, example.labels, example.truncated, ParentDistribution(
-                positions.tolist(), top.indices.cpu(), (probs / probs.sum(-1, keepdim=True)).cpu())))
+                positions.tolist(), top.indices.cpu(), top.values.exp().cpu())))
     return out
