@@ -42,7 +42,8 @@ from common import RESULTS, base_model_dir, pipeline_context, write_result  # no
 ROWS = {  # name: hyperparameters on top of the service's defaults (auto learning rate and epochs, replay 0.5)
     "shipped": {},
     "osft-noreplay": {"general_replay": 0.0},
-    "osft-replay-kl": {"general_replay_kl": True},  # the replayed answers as the parent's distribution (a KL term)
+    "osft-replay-kl": {"general_replay_kl": True},  # the replayed answers as the parent's distribution: shipped
+    "osft-replay-sampled": {"general_replay_kl": False},  # the sampled tokens only (the seventh session's shipped)
     "osft-chat-memory": {"general_replay": 0.0, "general_chat_memory": True},
     "osft-replay-chat-memory": {"general_chat_memory": True},
     "full": {"method": "full", "general_replay": 0.0},  # plain fine-tuning, its own rate chosen by the probe
@@ -89,6 +90,8 @@ def job_row(job, wall: float, task_name: str) -> dict:
             "reproduced": t.get("reproduced_share"), "replayed_examples": t.get("replayed_examples"), "replay_kl": t.get("replay_kl"),
             "probe": auto.get("probe_validation_loss"), "final_loss": t.get("final_loss"),
             "mean_step_s": t.get("mean_step_s"), "gate_s": sum(gates.get("seconds", {}).values()),
+            "answers_nll_rise": {f"{g['gate']}:{g['subject']}": g["delta"] for g in gates.get("gates", [])
+                                 if g["subject"].endswith("_answers_nll")},
             "wall_s": round(wall, 1)}
 
 

@@ -92,7 +92,7 @@ class Hyperparameters(BaseModel):
     # share of the task's example count; None: the settings' default, 0: off.
     general_replay: float | None = Field(None, ge=0, le=4)
     # Learn the replayed answers as the parent's next-token distribution (a KL term to the parent) rather
-    # than as the sampled tokens alone; None: the settings' default.
+    # than as the sampled tokens alone; None: the settings' default (on).
     general_replay_kl: bool | None = None
     # Rehearsal (worker/training/rehearsal.py): earlier tasks' own training examples, as a share of this task's
     # example count, split equally over them; None: the settings' default (0: off). `task_replay_from` limits

@@ -5,7 +5,7 @@ teaches the model that every prompt gets such an answer. The subspace constraint
 strongest directions, but not this: after one such task SmolLM2 answered "billing" to "What is the
 capital of France?". Training on the parent's own answers to a pool of everyday prompts (a sampled
 form of a KL term to the parent on those prompts, with no external data) keeps that behaviour where
-the new task does not need to change it. With `general_replay_kl` (`with_parent_distribution`) each
+the new task does not need to change it. With `general_replay_kl` (on by default; `with_parent_distribution`) each
 replayed answer is learned as the parent's whole next-token distribution at every position, not only the
 sampled token: the KL term itself on those prompts, one sample's variance the less. The pool (`replay_prompts.jsonl`, 96 prompts, 12 kinds) is
 disjoint from the general-chat gate's suite, so the gate still measures held-out prompts.
