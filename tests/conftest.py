@@ -4,10 +4,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny random models have no everyday behaviour to keep: after a job they answer every prompt with the
-# task's answer, which the general-chat gate's task_answer_leak and shortened_answers checks rightly reject.
-# Tests about other things (lineage, faults, supervision) lift those two checks for every Settings and
-# launched process; tests/test_gates.py and tests/test_general_chat_gate.py test them with the defaults.
-os.environ.setdefault("SCULPTOR_GATE_THRESHOLDS", '{"task_answer_leak_max_rise": 1.0, "shortened_answers_max": 1.0}')
+# task's answer or with next to nothing (a mean of 0.5 words), which the general-chat gate's task_answer_leak,
+# shortened_answers and answer_collapse checks rightly reject. Tests about other things (lineage, faults,
+# supervision) lift those three checks for every Settings and launched process; tests/test_gates.py and
+# tests/test_general_chat_gate.py test them with the defaults.
+os.environ.setdefault("SCULPTOR_GATE_THRESHOLDS",
+                      '{"task_answer_leak_max_rise": 1.0, "shortened_answers_max": 1.0, "collapse_min_ratio": 0.0}')
 
 import pytest
 import redis
