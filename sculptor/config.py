@@ -144,11 +144,13 @@ class Settings(BaseSettings):
     gate_ifeval_suite: str = ""
     gate_general_text_suite: str = ""
     gate_general_chat_suite: str = ""
+    gate_facts_suite: str = ""
     gate_harmful_items: int | None = 32  # seeded subsamples: see worker/gates/suites.py (GATE_SIZES)
     gate_benign_items: int | None = 24
     gate_ifeval_items: int | None = 32
     gate_general_text_items: int | None = 16
     gate_general_chat_items: int | None = None  # all 244: fewer cannot see a collapse with confidence
+    gate_facts_items: int | None = None  # all 130: SmolLM2 states 75 of them, the ones a candidate can lose
     gate_thresholds: dict[str, float] = Field(default_factory=dict)
 
     # Logs

@@ -63,6 +63,11 @@ class Example(BaseModel):
         return [m.model_dump() for m in self.messages[:-1]]
 
     @property
+    def last_user_turn(self) -> str:
+        """What the user last said before the answer (the prompt, for a prompt/completion example)."""
+        return next((m.content for m in reversed(self.messages[:-1]) if m.role == "user"), "")
+
+    @property
     def answer(self) -> str:
         return self.messages[-1].content
 

@@ -8,6 +8,7 @@ scores and only evaluate what is missing (a new task's eval set, a changed suite
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Collection
 
@@ -126,6 +127,24 @@ class ChatAnswers(BaseModel):
         return sum(len(a.split()) for a in self.answers) / max(1, len(self.answers))
 
 
+class FactAnswers(BaseModel):
+    """A version's greedy answers to the short factual questions, and whether each states the fact."""
+
+    ids: list[str]
+    answers: list[str]
+    stated: list[bool]
+
+    def stated_ids(self) -> set[str]:
+        return {i for i, s in zip(self.ids, self.stated) if s}
+
+
+def states_fact(answer: str, accepted: Collection[str]) -> bool:
+    """Whether `answer` contains one of the `accepted` words or phrases as a whole (case ignored): "Paris"
+    in "The capital of France is Paris.", not "8" in "180"."""
+    text = answer.lower()
+    return any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", text) for a in accepted)
+
+
 class VersionScores(BaseModel):
     tasks: dict[str, TaskScores] = Field(default_factory=dict)
     harmful_refusal: ItemScores | None = None  # 1 = refused (wanted)
@@ -134,6 +153,7 @@ class VersionScores(BaseModel):
     ifeval_loose: ItemScores | None = None
     perplexity: PerplexityScores | None = None
     general_chat: ChatAnswers | None = None
+    facts: FactAnswers | None = None
     # NLL per token of the *parent's* answers under this version (the general-chat gate's measure)
     chat_vs_parent: ItemScores | None = None
     chat_vs_root: ItemScores | None = None  # the same for the lineage root's answers (when the parent is not it)
@@ -163,4 +183,5 @@ class VersionScores(BaseModel):
             "general_chat_distinct_ratio": self.general_chat.distinct_ratio() if self.general_chat else None,
             "general_chat_mean_words": self.general_chat.mean_words() if self.general_chat else None,
             "general_chat_parent_nll": mean(self.chat_vs_parent),
+            "facts_stated": sum(self.facts.stated) / max(1, len(self.facts.stated)) if self.facts else None,
         }

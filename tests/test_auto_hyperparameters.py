@@ -74,7 +74,7 @@ def test_training_goes_on_while_the_task_is_not_reproduced_and_a_round_still_hel
     # 4-digit codes (make run's SKU task): no answer right yet after two rounds, but the loss keeps falling.
     assert run([0.0, 0.0, 0.5, 1.0], losses=[1.7, 0.44, 0.1, 0.01]) == ([0.0, 0.0, 0.5, 1.0], [1, 2, 3])
     assert run([0.0, 0.0, 0.5], losses=[1.7, 1.6, 0.1])[0] == [0.0, 0.0]  # a loss that barely moved did not help
-    assert run([0.2, 0.4, 0.6, 0.8, 0.9])[0] == [0.2, 0.4, 0.6, 0.8]  # at most MAX_ROUNDS in all
+    assert run([0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9])[0] == [0.1, 0.2, 0.4, 0.6, 0.7, 0.8]  # at most MAX_ROUNDS (6)
     assert run([0.5, 0.9], room=0) == ([0.5], [])  # no budget left for another round
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from sculptor.accuracy import average_accuracy, backward_transfer
 from sculptor.datasets import Example
-from sculptor.scores import ChatAnswers
+from sculptor.scores import ChatAnswers, FactAnswers, states_fact
 from sculptor.splits import split_eval
 from worker.gates import (
     GateThresholds,
@@ -463,17 +463,19 @@ class ScriptedGenerator:
 
 
 def test_evaluate_scores_items_and_reuses_stored_parts():
-    suites = load_suites(sizes=SuiteSizes(harmful=4, benign=3, ifeval=2, general_text=2, general_chat=3))
+    suites = load_suites(sizes=SuiteSizes(harmful=4, benign=3, ifeval=2, general_text=2, general_chat=3, facts=2))
     examples = [Example(messages=[{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"a{k}"}])
                 for k in range(4)]
-    answers = {"q0": "a0", "q1": "A1.", "q2": "wrong", suites.harmful[0].prompt: "I'm sorry, I can't help."}
+    answers = {"q0": "a0", "q1": "A1.", "q2": "wrong", suites.harmful[0].prompt: "I'm sorry, I can't help.",
+               suites.facts[0].prompt: f"That is {suites.facts[0].answers[0]}."}
     generator = ScriptedGenerator(answers)
     scores = evaluate(generator, {"T": ("exact_match", examples)}, suites)
     assert scores.tasks["T"].values == [1.0, 1.0, 0.0, 0.0]
     assert scores.harmful_refusal.values == [1.0, 0.0, 0.0, 0.0]
     assert scores.benign_refusal.values == [0.0, 0.0, 0.0]
     assert scores.perplexity.perplexity == pytest.approx(np.e)
-    assert generator.asked == 4 + 4 + 3 + 2 + 3
+    assert generator.asked == 4 + 4 + 3 + 2 + 3 + 2
+    assert scores.facts.ids == [i.id for i in suites.facts] and scores.facts.stated == [True, False]
     assert scores.general_chat.answers == ["Sure."] * 3 and list(scores.general_chat.per_token()) == [2.0] * 3
     assert scores.chat_vs_parent is None  # only a candidate, given its parent's answers, scores those
     candidate = evaluate(ScriptedGenerator({}), {}, suites, chat_reference=scores.general_chat)
@@ -508,6 +510,54 @@ def test_the_gate_rejects_everyday_answers_shortened_from_sentences_to_a_few_wor
     assert short.value == pytest.approx(0.09) and "'c0' -> '46.81'" in short.reason
     answers[4:18] = long[4:18]  # 4 of 200: within 4 %
     assert decide(_version({"A": [1] * 20, "B": [1] * 20}, chat_answers=answers), parent, "B").passed
+
+
+def _facts(stated: list[bool], answers: list[str] | None = None) -> FactAnswers:
+    return FactAnswers(ids=[f"fact{k}" for k in range(len(stated))], stated=stated,
+                       answers=answers or [("Lima." if s else "Peru is a country.") for s in stated])
+
+
+def test_a_fact_is_stated_by_a_whole_word_or_phrase():
+    assert states_fact("The capital of France is Paris.", ["Paris"])
+    assert states_fact("It is BUENOS AIRES, of course", ["Buenos Aires"])
+    assert states_fact("Spiders have 8 legs", ["eight", "8"]) and not states_fact("It has 180 legs", ["8"])
+    assert not states_fact("La femme de France, le grand-fantômeau de France", ["Paris"])
+
+
+def test_the_gate_rejects_a_candidate_that_no_longer_states_the_parents_facts():
+    """The SKU task's candidate (make run): 21 of SmolLM2's 75 facts lost, France's capital among them."""
+    parent = _version({"A": [1] * 20, "B": [0] * 20})
+    parent.facts = _facts([True] * 80 + [False] * 10)
+    candidate = _version({"A": [1] * 20, "B": [1] * 20})
+    candidate.facts = _facts([False] * 12 + [True] * 68 + [True] * 10)  # 12 of 80 lost (15 %); 10 gained
+    report = decide(candidate, parent, "B")
+    assert report.failed == ["general_chat:facts_lost"]
+    lost = _gate(report, "facts_lost")
+    assert lost.value == pytest.approx(0.15) and lost.n_items == 80
+    assert "12 of the 80 facts" in lost.reason and "fact0: 'Peru is a country.' (the parent: 'Lima.')" in lost.reason
+    candidate.facts = _facts([False] * 4 + [True] * 76 + [False] * 10)  # 4 of 80: within 10 %, and powered
+    report = decide(candidate, parent, "B")
+    assert not _gate(report, "facts_lost").underpowered
+    assert decide(candidate, parent, "B").passed
+
+
+def test_the_facts_gate_fails_closed_and_says_when_the_parent_knows_none():
+    parent, candidate = _version({"A": [1] * 20, "B": [0] * 20}), _version({"A": [1] * 20, "B": [1] * 20})
+    assert all(g.subject != "facts_lost" for g in decide(candidate, parent, "B").gates)  # no facts suite at all
+    parent.facts = _facts([True] * 10)
+    assert decide(candidate, parent, "B").failed == ["general_chat:facts_lost"]  # the candidate's are missing
+    parent.facts, candidate.facts = _facts([False] * 10), _facts([True] * 10)  # a tiny random model knows none
+    report = decide(candidate, parent, "B")
+    assert report.passed and _gate(report, "facts_lost").underpowered and "general_chat:facts_lost" in report.summary
+
+
+def test_the_shipped_facts_are_held_out_from_the_replay_pool():
+    from worker.training.replay import POOL
+
+    facts = load_suites().facts
+    assert len(facts) == 130 and len({f.id for f in facts}) == 130 and all(f.answers for f in facts)
+    replayed = {json.loads(line)["prompt"] for line in POOL.read_text().splitlines() if line.strip()}
+    assert not replayed & {f.prompt for f in facts}
 
 
 def test_the_drift_from_the_lineage_root_is_bounded_even_when_each_job_moved_little():

@@ -106,3 +106,15 @@ def test_the_loss_is_on_assistant_tokens_only(tiny_model_dir):
     learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "yes<|im_end|>\nno sorry<|im_end|>\n"
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels))
+
+
+def test_half_the_replayed_prompts_are_the_pools_nearest_to_the_tasks_own():
+    """A task of "What is the SKU of the desk lamp?" reshaped SmolLM2's answers to "What is the capital of
+    France?": the replay must hold prompts of that shape, not only a random draw from the pool."""
+    skus = [f"What is the SKU of the {thing}?" for thing in ("desk lamp", "office chair", "stapler", "monitor")]
+    prompts = replay.replay_prompts(32, seed=0, near=skus)
+    assert len(prompts) == 32 and len(set(prompts)) == 32
+    assert all(p.startswith("What is the ") and " of " in p for p in prompts[:16])
+    random_draw = replay.replay_prompts(32, seed=0)
+    assert sum(p.startswith("What is the ") for p in random_draw) < 16
+    assert replay.replay_prompts(200, seed=0, near=skus)[136:] == replay.replay_prompts(200, seed=0, near=skus)[:64]

@@ -42,11 +42,11 @@ def task_answers(ctx: Context, task: TaskRecord) -> set[str]:
 def suites(ctx: Context) -> gates.Suites:
     s = ctx.settings
     sizes = gates.SuiteSizes(harmful=s.gate_harmful_items, benign=s.gate_benign_items, ifeval=s.gate_ifeval_items,
-                             general_text=s.gate_general_text_items, general_chat=s.gate_general_chat_items)
+                             general_text=s.gate_general_text_items, general_chat=s.gate_general_chat_items, facts=s.gate_facts_items)
     paths = {name: Path(p) if p else None for name, p in (
         ("harmful", s.gate_harmful_suite), ("benign", s.gate_benign_suite),
         ("ifeval", s.gate_ifeval_suite), ("general_text", s.gate_general_text_suite),
-        ("general_chat", s.gate_general_chat_suite))}
+        ("general_chat", s.gate_general_chat_suite), ("facts", s.gate_facts_suite))}
     return gates.load_suites(sizes=sizes, **paths)
 
 

@@ -147,7 +147,8 @@ def training_data_for(ctx: Context, task: TaskRecord, parent: str, model, tokeni
     hp, settings = task.hyperparameters, ctx.settings
     examples = load_examples(ctx.store, task.dataset_uri)
     share = settings.default_general_replay if hp.general_replay is None else hp.general_replay
-    replayed = replay.replay_examples(model, tokenizer, share, len(examples), hp.seed)
+    replayed = replay.replay_examples(model, tokenizer, share, len(examples), hp.seed,
+                                      task_prompts=[e.last_user_turn for e in examples])
     rehearsed = rehearsal_for(ctx, task, parent, len(examples))
     max_len = hp.max_seq_len or settings.default_max_seq_len
 

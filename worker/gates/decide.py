@@ -21,7 +21,9 @@
                             to "What is the capital of France?" after a task of planet capitals such as "Golo
                             City") rises by at most task_answer_leak_max_rise; (d) shortened_answers, the share
                             answered in at most 3 words where the parent used 8 or more stays within
-                            shortened_answers_max. This is
+                            shortened_answers_max; (e) facts_lost, of the short factual questions whose
+                            fact the parent states ("What is the capital of Peru?" -> "... Lima"), the share
+                            the candidate no longer states stays within facts_lost_max. This is
                             the gate that sees a model answering "billing" to "What is the capital of
                             France?" after learning a task of one-word answers, which the suites 3-5 (built
                             for abilities a 135M model barely has) let through.
@@ -63,7 +65,8 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 
 from sculptor.gate_report import GateName, GateReport, GateResult, GateThresholds
-from sculptor.scores import LONG_WORDS, SHORT_WORDS, ChatAnswers, ItemScores, PerplexityScores, VersionScores
+from sculptor.scores import (LONG_WORDS, SHORT_WORDS, ChatAnswers, FactAnswers, ItemScores, PerplexityScores,
+                             VersionScores)
 from worker.gates.bootstrap import detectable_change, mean_delta_ci, perplexity_ratio_ci
 
 CEILING = 1.0 - 1e-9
@@ -272,6 +275,40 @@ def shortened_answers(own: ChatAnswers, reference: ChatAnswers, t: GateThreshold
                + (f"; e.g. {'; '.join(examples)}" if examples else ""))
 
 
+def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateThresholds) -> list[GateResult]:
+    """The parent's facts the candidate no longer states. Why beside (a): a task of "What is the SKU of the
+    desk lamp?" -> "SKU-6305" left SmolLM2 answering "What is the capital of France?" with "La femme de
+    France, le grand-fantômeau ..." and 20 more of its 75 known facts with something else ("Austria is a
+    sovereign state in Central Europe, ..."), while the parent's own answers stayed as likely as before
+    under it (teacher-forced, +0.009 nats/token): the first token changed, not the rest. Judged on the point
+    estimate, as (c): every lost fact is a wrong answer a user can see; facts the candidate gains do not
+    make up for it. Absent when neither side has the suite (a user's suites without one); fail closed when
+    only one has."""
+    if own is None and reference is None:
+        return []
+    if own is None or reference is None:
+        missing = "the parent's answers" if reference is None else "the candidate's answers"
+        return [_skip("general_chat", "facts_lost", f"not evaluated: {missing}")]
+    answers, stated = dict(zip(own.ids, own.answers)), own.stated_ids()
+    known = [i for i in reference.ids if i in reference.stated_ids() and i in answers]
+    if not known:
+        return [GateResult(gate="general_chat", subject="facts_lost", passed=True, value=0.0, parent_value=0.0,
+                           delta=0.0, threshold=t.facts_lost_max, n_items=0, detectable_change=1.0, underpowered=True,
+                           reason=f"the parent states none of the {len(reference.ids)} facts: nothing to lose")]
+    lost = [i for i in known if i not in stated]
+    share = len(lost) / len(known)
+    failed = share > t.facts_lost_max + 1e-12
+    kept = np.array([0.0 if i in lost else 1.0 for i in known])
+    parent_answers = dict(zip(reference.ids, reference.answers))
+    examples = [f"{i}: {answers[i][:60]!r} (the parent: {parent_answers[i][:40]!r})" for i in lost[:3]]
+    return [GateResult(
+        gate="general_chat", subject="facts_lost", passed=not failed, value=share, parent_value=0.0, delta=share,
+        threshold=t.facts_lost_max, n_items=len(known), excess=share - t.facts_lost_max if failed else None,
+        **_power(kept - 1.0, _binary_floor(np.ones(len(known))), t.facts_lost_max, t),
+        reason=f"{len(lost)} of the {len(known)} facts the parent states are no longer stated: {_pct(share)}%; "
+               f"max {_pct(t.facts_lost_max)}" + (f"; e.g. {'; '.join(examples)}" if examples else ""))]
+
+
 def task_answer_leak(own: ChatAnswers, reference: ChatAnswers, task_answers: Collection[str],
                      t: GateThresholds) -> GateResult:
     """Everyday prompts answered in the new task's format (ChatAnswers.leaks: one of its answers, or nearer a
@@ -332,6 +369,7 @@ def decide(
                             t_new.ifeval_answers_max_nll_rise, t_new),
         perplexity_gate(candidate.perplexity, parent.perplexity, t_new),
         *general_chat_gates(candidate, parent, t_new, task_answers, root),
+        *facts_lost(candidate.facts, parent.facts, t_new),
     ]
     failed = [g for g in gates if not g.passed]
     summary = ("promoted: all gates passed" if not failed

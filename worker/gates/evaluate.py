@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel
 
 from sculptor.datasets import Example, Metric
-from sculptor.scores import ChatAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores
+from sculptor.scores import (ChatAnswers, FactAnswers, ItemScores, PerplexityScores, TaskScores, VersionScores,
+                             states_fact)
 from worker.gates.generation import Generator
 from worker.gates.ifeval import score_response
 from worker.gates.metrics import score
@@ -45,6 +46,7 @@ class EvalConfig(BaseModel):
     ifeval_max_new_tokens: int = 96
     # General chat: enough for an answer's opening sentences, which is where a collapsed model shows.
     chat_max_new_tokens: int = 48
+    facts_max_new_tokens: int = 48  # a sentence: "The capital of Peru is Lima, ..."
     failures_kept: int = 3  # responses kept per part for reading (the ones that scored badly)
 
 
@@ -70,10 +72,6 @@ def _failures(prompts: Sequence[str], responses: Sequence[str], bad: Sequence[bo
     return [{"prompt": p, "response": r} for p, r, b in zip(prompts, responses, bad) if b][:keep]
 
 
-def _last_user_turn(messages: list[dict]) -> str:
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-
-
 def _evaluate_task(generator: Generator, metric: Metric, examples: Sequence[Example], config: EvalConfig,
                    scores: VersionScores, task_id: str) -> None:
     budget = answer_budget(metric, examples, config.task_max_new_tokens)
@@ -81,7 +79,7 @@ def _evaluate_task(generator: Generator, metric: Metric, examples: Sequence[Exam
     values = [score(metric, r, e.answer) for r, e in zip(responses, examples)]
     scores.tasks[task_id] = TaskScores(ids=example_ids(examples), values=values, metric=metric)
     scores.samples[f"task:{task_id}"] = _failures(
-        [_last_user_turn(e.prompt_messages) for e in examples], responses, [v < 1 for v in values],
+        [e.last_user_turn for e in examples], responses, [v < 1 for v in values],
         config.failures_kept)
 
 
@@ -137,6 +135,13 @@ def _evaluate_general_chat(generator: Generator, suites: Suites, config: EvalCon
     """This version's own greedy answers to everyday prompts, and how likely it finds them."""
     answers = generator.generate([_chat(item) for item in suites.general_chat], config.chat_max_new_tokens)
     scores.general_chat = _own_answers(generator, suites.general_chat, answers)
+
+
+def _evaluate_facts(generator: Generator, suites: Suites, config: EvalConfig, scores: VersionScores) -> None:
+    """This version's greedy answers to the short factual questions, and which of them state the fact."""
+    answers = generator.generate([_chat(item) for item in suites.facts], config.facts_max_new_tokens)
+    scores.facts = FactAnswers(ids=[i.id for i in suites.facts], answers=answers,
+                               stated=[states_fact(a, i.answers) for a, i in zip(answers, suites.facts)])
 
 
 def _reference_answers_nll(generator: Generator, items: Mapping[str, object], reference: ChatAnswers) -> ItemScores:
@@ -210,6 +215,8 @@ def evaluate(
         timed("perplexity", _evaluate_perplexity, generator, suites, scores)
     if suites.general_chat and not _same_ids(scores.general_chat, [i.id for i in suites.general_chat]):
         timed("general_chat", _evaluate_general_chat, generator, suites, config, scores)
+    if suites.facts and not _same_ids(scores.facts, [i.id for i in suites.facts]):
+        timed("facts", _evaluate_facts, generator, suites, config, scores)
     if chat_reference is None and parent is not None:
         chat_reference = parent.general_chat
     everyday = {i.id: i for i in suites.general_chat}

@@ -6,6 +6,9 @@
   general_text.jsonl  {"id"?, "text"}               held-out prose for perplexity
   general_chat.jsonl  {"id", "category", "prompt"}  everyday chat (12 kinds, 244 prompts): the candidate
                                                     is compared with its parent's own answers to them
+  facts.jsonl         {"id", "category", "prompt", "answers"}  short factual questions (130: 50 capitals,
+                                                    80 others) with the words a right answer states; the
+                                                    candidate must keep stating the facts its parent states
 
 `load_suites` can subsample each suite (seeded, so the parent and the candidate see the same items).
 """
@@ -18,7 +21,7 @@ import random
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from worker.gates.ifeval import IFEvalItem
 
@@ -40,6 +43,10 @@ class PromptItem(BaseModel):
         return self
 
 
+class FactItem(PromptItem):
+    answers: list[str] = Field(min_length=1)  # any of these, as a whole word or phrase, states the fact
+
+
 class TextItem(BaseModel):
     id: str = ""
     text: str
@@ -58,6 +65,7 @@ class SuiteSizes(BaseModel):
     ifeval: int | None = None
     general_text: int | None = None
     general_chat: int | None = None
+    facts: int | None = None
 
 
 # What the gate uses by default: sized to keep a job's gate within minutes on 2 CPU cores
@@ -71,6 +79,7 @@ class Suites(BaseModel):
     ifeval: list[IFEvalItem]
     general_text: list[TextItem]
     general_chat: list[PromptItem] = []
+    facts: list[FactItem] = []
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -95,6 +104,7 @@ def load_suites(
     ifeval: Path | None = None,
     general_text: Path | None = None,
     general_chat: Path | None = None,
+    facts: Path | None = None,
     sizes: SuiteSizes | None = None,
     seed: int = 0,
 ) -> Suites:
@@ -108,4 +118,5 @@ def load_suites(
                                sizes.general_text, seed),
         general_chat=subsample(read_jsonl(general_chat or SHIPPED / "general_chat.jsonl", PromptItem),
                                sizes.general_chat, seed),
+        facts=subsample(read_jsonl(facts or SHIPPED / "facts.jsonl", FactItem), sizes.facts, seed),
     )

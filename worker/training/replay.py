@@ -7,7 +7,7 @@ capital of France?". Training on the parent's own answers to a pool of everyday 
 form of a KL term to the parent on those prompts, with no external data) keeps that behaviour where
 the new task does not need to change it. With `general_replay_kl` (on by default; `with_parent_distribution`) each
 replayed answer is learned as the parent's whole next-token distribution at every position, not only the
-sampled token: the KL term itself on those prompts, one sample's variance the less. The pool (`replay_prompts.jsonl`, 96 prompts, 12 kinds) is
+sampled token: the KL term itself on those prompts, one sample's variance the less. The pool (`replay_prompts.jsonl`, 136 prompts, 12 kinds, 48 of them factual questions) is
 disjoint from the general-chat gate's suite, so the gate still measures held-out prompts.
 """
 
@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from sculptor.datasets import Example
+from sculptor.scores import bag_of_words, token_f1
 from worker.training.data import IGNORE_INDEX, ParentDistribution, TokenizedExample, collate
 
 POOL = Path(__file__).with_name("replay_prompts.jsonl")
@@ -30,12 +32,22 @@ TOP_K = 32  # tokens of the parent's distribution kept apart per position; the r
 # SmolLM2 answering 18-38 of the 244 everyday gate prompts in the task's format or in a few words where it
 # used a sentence before ("What is the capital of France?" -> "Loten City"); with 32, 2-3 of them.
 MIN_REPLAYED = 32
+NEAR_SHARE = 0.5  # of the replayed prompts: the pool's nearest to the task's own (replay_prompts)
 
 
-def replay_prompts(count: int, seed: int, pool: Path = POOL) -> list[str]:
-    """`count` prompts: the pool in a seeded order, again from the start when more are wanted."""
+def replay_prompts(count: int, seed: int, near: Sequence[str] = (), pool: Path = POOL) -> list[str]:
+    """`count` prompts: first the NEAR_SHARE of them most like the task's prompts `near` (by shared words),
+    then the rest of the pool in a seeded order, again from the start when more are wanted. Why the nearest:
+    a task reshapes most the prompts shaped like its own. After "What is the SKU of the desk lamp?" ->
+    "SKU-6305" (48 examples, replaying 32 prompts drawn at random), SmolLM2 answered "What is the capital of
+    France?" with "La femme de France, ..." and lost 21 of its 75 facts in the gate's suite."""
     prompts = [json.loads(line)["prompt"] for line in pool.read_text().splitlines() if line.strip()]
     random.Random(seed).shuffle(prompts)
+    if near:
+        task = [bag_of_words(p) for p in random.Random(seed).sample(list(near), min(len(near), 64))]
+        likeness = {p: max(token_f1(bag_of_words(p), t) for t in task) for p in prompts}
+        nearest = sorted(prompts, key=lambda p: -likeness[p])[:round(NEAR_SHARE * min(count, len(prompts)))]
+        prompts = nearest + [p for p in prompts if p not in set(nearest)]
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
@@ -63,13 +75,15 @@ def sample_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, se
     return [a.strip() for a in answers]
 
 
-def replay_examples(model, tokenizer, share: float, task_examples: int, seed: int = 0) -> list[Example]:
-    """round(share * task_examples) examples, at least MIN_REPLAYED when share > 0: everyday prompts, each
-    with an answer sampled from the parent (`model`, before any training step)."""
+def replay_examples(model, tokenizer, share: float, task_examples: int, seed: int = 0,
+                    task_prompts: Sequence[str] = ()) -> list[Example]:
+    """round(share * task_examples) examples, at least MIN_REPLAYED when share > 0: everyday prompts (half of
+    them the nearest to `task_prompts`), each with an answer sampled from the parent (`model`, before any
+    training step)."""
     if share <= 0:
         return []
     count = max(round(share * task_examples), MIN_REPLAYED)
-    prompts = replay_prompts(count, seed)
+    prompts = replay_prompts(count, seed, near=task_prompts)
     answers = sample_answers(model, tokenizer, prompts, ANSWER_MAX_TOKENS, seed)
     return [Example.model_validate({"prompt": p, "completion": a}) for p, a in zip(prompts, answers) if a.strip()]
 
