@@ -14,7 +14,8 @@ A candidate the gates reject is force-promoted, as an admin could, so every row 
 Per row: the accuracy matrix R (the gates' own task scores), AA, BWT and the diagonal; after the last
 task, against v0: the general-chat gate's measure (NLL rise of v0's answers, paired CI), token-F1 of
 the answers against v0's, the collapse rate (share of everyday prompts answered in a task's format, as
-the gate's leak check judges it, or in at most 3 words where v0 used at least 8), IFEval strict,
+the gate's leak check judges it, or in at most 3 words where v0 used at least 8), the share of v0's
+stated facts no longer stated (the gate's facts check), IFEval strict,
 harmful refusal and perplexity; per job the learning rate, steps and rounds it chose, the replayed
 examples, the gate verdict and wall time.
 
@@ -92,6 +93,8 @@ def job_row(job, wall: float, task_name: str) -> dict:
             "mean_step_s": t.get("mean_step_s"), "gate_s": sum(gates.get("seconds", {}).values()),
             "answers_nll_rise": {f"{g['gate']}:{g['subject']}": g["delta"] for g in gates.get("gates", [])
                                  if g["subject"].endswith("_answers_nll")},
+            "per_prompt": {g["subject"]: g["value"] for g in gates.get("gates", [])
+                           if g["subject"] in ("facts_lost", "task_answer_leak", "shortened_answers")},
             "wall_s": round(wall, 1)}
 
 
@@ -100,7 +103,7 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     from sculptor import checkpoints
     from sculptor.accuracy import load_scores
     from worker import gate_step, gates
-    from worker.gates.decide import general_chat_gates, suite_answers_drift
+    from worker.gates.decide import facts_lost, general_chat_gates, suite_answers_drift
 
     base, last = load_scores(ctx, "v0"), load_scores(ctx, final)
     model_dir = checkpoints.fetch(ctx.store, final, ctx.settings.checkpoint_cache_dir)
@@ -116,11 +119,15 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     leaked = last.general_chat.leaks(task_answers, parent=base.general_chat)  # the gate's check, against v0
     shortened = last.general_chat.shortened(base.general_chat)  # the gate's other per-prompt check
     collapsed = [c for (c, _), leak, short in zip(pairs, leaked, shortened) if leak or short]
+    facts = facts_lost(last.facts, base.facts, t)  # the gate's facts check, against v0
     everyday = generator.generate([[{"role": "user", "content": p}] for p in EVERYDAY], 32)
     return {
         "chat_nll_rise": nll.delta, "chat_nll_ci": [nll.ci_low, nll.ci_high], "chat_nll_threshold": nll.threshold,
         "chat_nll_passed": nll.passed, "collapse_gate_passed": collapse.passed, "collapse_reason": collapse.reason,
         "collapse_rate": len(collapsed) / len(pairs), "collapsed_examples": collapsed[:5],
+        "leaked": int(leaked.sum()), "shortened": int(shortened.sum()),
+        "facts_lost": [facts[0].value, facts[0].n_items] if facts else None,
+        "facts_stated": [base.summary()["facts_stated"], last.summary()["facts_stated"]],
         "token_f1_vs_v0": sum(token_f1(c, b) for c, b in pairs) / len(pairs),
         "ifeval_strict": [base.ifeval_strict.mean, last.ifeval_strict.mean],
         "ifeval_answers_nll_rise": [ifeval.delta, ifeval.ci_low, ifeval.ci_high],
@@ -171,7 +178,7 @@ def table() -> str:
             if not p.name.startswith("bench_forgetting_methods")]
     plain = next((r for r in rows if r["row"] == "full"), None)
     head = ("| row | R (last row) | diagonal | AA | BWT | ≥90 % of plain per task | chat NLL rise vs v0 [95 % CI] "
-            "| token-F1 vs v0 | collapse rate | IFEval strict | harmful refusal | ppl | rejected jobs | lr chosen | load | wall |")
+            "| token-F1 vs v0 | collapse rate (leaked + shortened) | facts lost vs v0 | IFEval strict | harmful refusal | ppl | rejected jobs | lr chosen | load | wall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = r["vs_base"]
@@ -183,12 +190,17 @@ def table() -> str:
         lines.append(
             f"| {r['row']} | {r['R'][-1]} | {r['diagonal']} | {r['AA']:.1f} | {r['BWT']:+.1f} | {of_plain} "
             f"| {b['chat_nll_rise']:+.3f} [{b['chat_nll_ci'][0]:+.3f}, {b['chat_nll_ci'][1]:+.3f}] "
-            f"| {b['token_f1_vs_v0']:.2f} | {b['collapse_rate']:.3f} "
+            f"| {b['token_f1_vs_v0']:.2f} | {b['collapse_rate']:.3f} ({b.get('leaked', '?')} + {b.get('shortened', '?')}) "
+            f"| {_facts_cell(b.get('facts_lost'))} "
             f"| {100 * b['ifeval_strict'][0]:.1f} → {100 * b['ifeval_strict'][1]:.1f} "
             f"| {100 * b['harmful_refusal'][0]:.1f} → {100 * b['harmful_refusal'][1]:.1f} | ×{b['perplexity_ratio']:.3f} "
             f"| {rejected} | {rates} "
             f"| {r['load_average'][0][0]:.1f}–{r['load_average'][1][0]:.1f} | {r['wall_s'] / 60:.0f} min |")
     return "\n".join(lines)
+
+
+def _facts_cell(lost: list | None) -> str:
+    return f"{100 * lost[0]:.1f} % of {lost[1]}" if lost else "–"
 
 
 def main() -> None:
