@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     # The one device a job trains and gates on (worker/training/device.py): auto (CUDA when present), cpu,
     # cuda or cuda:N.
     train_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # At most this many examples per forward and backward (None: the whole batch); the gradients of a batch's
+    # micro-batches add up to one update, so a large batch projects once at the memory of a small one.
+    train_micro_batch: int | None = Field(None, ge=1)
 
     # Regression gates: suite files (empty: the shipped suites), items used per suite (None: all),
     # and default thresholds (field names of sculptor.gate_report.GateThresholds; per-task overrides too).

@@ -194,7 +194,7 @@ def choose_learning_rate(ctx: Context, hp, model, constraint, data: TrainingData
         fixed = hp.learning_rate if isinstance(hp.learning_rate, float) else None
         return fixed or ctx.settings.default_learning_rate[hp.method], None
     rate, probe = auto.probe_learning_rate(model, constraint, data.train, data.validation, hp.method, batch_size,
-                                           pad_id, bf16, hp.seed)
+                                           pad_id, bf16, hp.seed, micro_batch=ctx.settings.train_micro_batch)
     return rate, auto.AutoChoice(
         learning_rate=rate, epochs=epochs, steps=steps, validation_examples=len(data.validation),
         probe_validation_loss=probe,
@@ -252,6 +252,7 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
             steps_per_epoch=steps_per_epoch,
             bf16_autocast=bf16,
             schedule=LRSchedule(settings.train_warmup_fraction, settings.train_min_lr_ratio),
+            micro_batch=settings.train_micro_batch,
             on_progress=lambda p: ctx.jobs.update(job.job_id, progress=replace(
                 p, step=p.step + done_steps, total_steps=p.total_steps + done_steps)),
             should_stop=lambda: (deadline.check("while training") or check_lock()

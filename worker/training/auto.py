@@ -114,7 +114,8 @@ def _helped(before: tuple[float, float], after: tuple[float, float]) -> bool:
 
 
 def probe_learning_rate(model, constraint, train_examples, validation, method: str, batch_size: int, pad_id: int,
-                        bf16_autocast: bool, seed: int = 0) -> tuple[float, dict[str, float]]:
+                        bf16_autocast: bool, seed: int = 0,
+                        micro_batch: int | None = None) -> tuple[float, dict[str, float]]:
     """The smallest candidate rate whose validation-loss reduction after PROBE_STEPS steps is at least ENOUGH
     of the best rate's; and every rate's loss ("start": before any step)."""
     trainable = constraint.trainable_parameters()
@@ -125,7 +126,8 @@ def probe_learning_rate(model, constraint, train_examples, validation, method: s
     losses: dict[str, float] = {}
     for rate in LEARNING_RATES[method]:
         try:
-            train(model, batches, constraint, rate, steps_per_epoch=len(batches), bf16_autocast=bf16_autocast)
+            train(model, batches, constraint, rate, steps_per_epoch=len(batches), bf16_autocast=bf16_autocast,
+                  micro_batch=micro_batch)
             losses[f"{rate:g}"] = answer_loss(model, validation, pad_id)
         except NonFiniteLoss:
             losses[f"{rate:g}"] = float("inf")

@@ -106,6 +106,28 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return -((probs * log_probs).sum(-1) + rest * log_rest)[learned].mean()
 
 
+def micro_batches(batch: dict[str, torch.Tensor], size: int | None):
+    """(part, weight) pairs: `batch` cut into runs of at most `size` rows, each weighted by its share of the
+    batch's learned tokens, so the parts' weighted mean losses add up to the batch's mean loss."""
+    rows = batch["input_ids"].shape[0]
+    if not size or size >= rows:
+        yield _unmasked(batch), 1.0
+        return
+    learned = batch["labels"][:, 1:] != IGNORE_INDEX
+    total = max(1, int(learned.sum()))
+    for start in range(0, rows, size):
+        count = int(learned[start:start + size].sum())
+        if count:  # a part with nothing to learn would give a NaN mean
+            yield _unmasked({key: value[start:start + size] for key, value in batch.items()}), count / total
+
+
+def _unmasked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """No padding: without a mask transformers need not read it back."""
+    if "attention_mask" in batch and batch["attention_mask"].all():
+        return {key: value for key, value in batch.items() if key != "attention_mask"}
+    return batch
+
+
 def train(
     model: torch.nn.Module,
     batches: list[dict[str, torch.Tensor]],
@@ -119,7 +141,12 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     progress_every_s: float = 2.0,
     schedule: LRSchedule = LRSchedule(),
+    micro_batch: int | None = None,
 ) -> TrainResult:
+    """`micro_batch`: at most this many examples per forward and backward (SCULPTOR_TRAIN_MICRO_BATCH), their
+    gradients accumulated into one update per batch. Why: the constrained update's projection costs the
+    same whatever the batch holds, so on a GPU a large batch in small micro-batches makes it a small share
+    of the step at the memory of a small one (issue 16's goal: at most 10 % of a 7B step)."""
     params = constraint.trainable_parameters()
     optimizer = constraint.make_optimizer(learning_rate, weight_decay)
     total = len(batches)
@@ -136,13 +163,14 @@ def train(
             group["lr"] = lr
 
         tokens += int(batch["attention_mask"].sum())
-        if batch["attention_mask"].all():  # no padding: without a mask transformers need not read it back
-            batch = {key: value for key, value in batch.items() if key != "attention_mask"}
-        with autocast(device, bf16_autocast):
-            loss = batch_loss(model, to_device(batch, device))
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        for part, weight in micro_batches(batch, micro_batch):  # gradients add up; one update below
+            with autocast(device, bf16_autocast):
+                part_loss = batch_loss(model, to_device(part, device)) * weight
+            part_loss.backward()
+            loss += part_loss.detach()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()  # the constrained optimizer projects each applied update
+        optimizer.step()  # the constrained optimizer projects each applied update: once per batch
         optimizer.zero_grad(set_to_none=True)
 
         # The step's one read from the device. A non-finite loss has spoilt this step's weights: the job
