@@ -5,11 +5,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny random models have no everyday behaviour to keep: after a job they answer every prompt with the
 # task's answer or with next to nothing (a mean of 0.5 words), which the general-chat gate's task_answer_leak,
-# shortened_answers and answer_collapse checks rightly reject. Tests about other things (lineage, faults,
-# supervision) lift those three checks for every Settings and launched process; tests/test_gates.py and
+# shortened_answers and answer_collapse checks rightly reject; and a "7" that a random parent happened to say
+# to "What is 3 plus 4?" is a fact the facts_lost check counts. Tests about other things (lineage, faults,
+# supervision) lift those four checks for every Settings and launched process; tests/test_gates.py and
 # tests/test_general_chat_gate.py test them with the defaults.
 os.environ.setdefault("SCULPTOR_GATE_THRESHOLDS",
-                      '{"task_answer_leak_max_rise": 1.0, "shortened_answers_max": 1.0, "collapse_min_ratio": 0.0}')
+                      '{"task_answer_leak_max_rise": 1.0, "shortened_answers_max": 1.0, "collapse_min_ratio": 0.0, '
+                      '"facts_lost_max": 1.0}')
 
 import pytest
 import redis
