@@ -143,16 +143,18 @@ def projection_flops(out: int, inp: int, ratio: float) -> int:
     return 4 * out * inp * (left + right)
 
 
-def single_gpu(model: Model, gpu: GPU, batch: int, seq: int, ratio: float = 0.75) -> dict:
+def single_gpu(model: Model, gpu: GPU, batch: int, seq: int, ratio: float = 0.75, micro_batches: int = 1) -> dict:
     """One job on one GPU as worker/training/loop.py runs it: fp32 master weights, bf16 autocast, no
-    activation checkpointing, AdamW, the projection after every optimizer step in full fp32."""
+    activation checkpointing, AdamW, the projection after every optimizer step in full fp32. `micro_batches`
+    of batch x seq tokens each add up to one update (SCULPTOR_TRAIN_MICRO_BATCH): the step's compute grows
+    with them, its projection and memory do not."""
     tokens = batch * seq
     shapes = model.matrices()
     targets = model.layers * sum(o * i for o, i in shapes)
     lm_head = model.vocab * model.hidden
     attention = model.layers * 3.5 * 2 * batch * seq * seq * model.hidden  # causal SDPA; backward ≈ 2.5× forward
     train_flops = 6 * targets * tokens + 4 * lm_head * tokens + attention  # lm_head frozen: no weight gradient
-    step_s = train_flops / (gpu.bf16_tflops * 1e12 * STEP_EFFICIENCY)
+    step_s = micro_batches * train_flops / (gpu.bf16_tflops * 1e12 * STEP_EFFICIENCY)
     flops = model.layers * sum(projection_flops(o, i, ratio) for o, i in shapes)
     bases = model.layers * sum(b[0] + b[1] for b in (bases_floats(o, i, ratio) for o, i in shapes))
     # Per element of each weight: the reference copy (8 B), delta = W − reference (12 B), the final addmm (8 B).
@@ -187,11 +189,12 @@ def single_gpu(model: Model, gpu: GPU, batch: int, seq: int, ratio: float = 0.75
 
 def single_gpu_report(gpu: GPU = H200) -> dict:
     """bench/gpu_check.sh's model and Llama-2-7B, at its 8 × 2048 tokens and the service's default batch
-    (8 examples of at most 256 tokens, sculptor/config.py)."""
+    (8 examples of at most 256 tokens, sculptor/config.py), each alone and as 8 micro-batches of one update."""
     return {
         "gpu": gpu.__dict__, "step_efficiency": STEP_EFFICIENCY, "gemm_efficiency": GEMM_EFFICIENCY,
-        "models": {model.name: {f"{batch}x{seq}": single_gpu(model, gpu, batch, seq)
-                                for batch, seq in ((8, 2048), (8, 256))}
+        "models": {model.name: {f"{batch}x{seq}" + (f" x{micro} micro-batches" if micro > 1 else ""):
+                                single_gpu(model, gpu, batch, seq, micro_batches=micro)
+                                for batch, seq, micro in ((8, 2048, 1), (8, 256, 1), (8, 2048, 8), (8, 256, 8))}
                    for model in (LLAMA_1B, LLAMA_7B)},
     }
 
