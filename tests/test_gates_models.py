@@ -76,7 +76,9 @@ def world(tiny_model_dir, tmp_path_factory) -> World:
     random.Random(0).shuffle(lines)
     text_path = tmp_path_factory.mktemp("suites") / "counting.jsonl"
     text_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[80:]))
-    suites = load_suites(general_text=text_path, sizes=SuiteSizes(harmful=16, benign=16, ifeval=8), seed=0)
+    # facts=0: the counting "language" knows no facts; a "9" in its digits would count as one (the facts gate:
+    # tests/test_gates.py)
+    suites = load_suites(general_text=text_path, sizes=SuiteSizes(harmful=16, benign=16, ifeval=8, facts=0), seed=0)
 
     task_a = [chat(f"what is {k}?", WORDS[(k * 3) % 10]) for k in range(12)]
     task_b = [chat(f"letter {chr(97 + k)}", WORDS[(k * 7 + 5) % 10]) for k in range(12)]
