@@ -8,7 +8,7 @@ form of a KL term to the parent on those prompts, with no external data) keeps t
 the new task does not need to change it. With `general_replay_kl` (on by default; `with_parent_distribution`) each
 replayed answer is learned as the parent's whole next-token distribution at every position, not only the
 sampled token: the KL term itself on those prompts, one sample's variance the less. The pool (`replay_prompts.jsonl`, 136 prompts, 12 kinds, 48 of them factual questions) is
-disjoint from the general-chat gate's suite, so the gate still measures held-out prompts.
+disjoint from the general-chat gate's suite and from its facts, so the gates still measure held-out prompts.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def replay_prompts(count: int, seed: int, near: Sequence[str] = (), pool: Path =
         task = [bag_of_words(p) for p in random.Random(seed).sample(list(near), min(len(near), 64))]
         likeness = {p: max(token_f1(bag_of_words(p), t) for t in task) for p in prompts}
         nearest = sorted(prompts, key=lambda p: -likeness[p])[:round(NEAR_SHARE * min(count, len(prompts)))]
-        prompts = nearest + [p for p in prompts if p not in set(nearest)]
+        chosen = set(nearest)
+        prompts = nearest + [p for p in prompts if p not in chosen]
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
