@@ -280,7 +280,8 @@ def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateTh
     desk lamp?" -> "SKU-6305" left SmolLM2 answering "What is the capital of France?" with "La femme de
     France, le grand-fantômeau ..." and 20 more of its 75 known facts with something else ("Austria is a
     sovereign state in Central Europe, ..."), while the parent's own answers stayed as likely as before
-    under it (teacher-forced, +0.009 nats/token): the first token changed, not the rest. Judged on the point
+    under it (teacher-forced: +0.019 nats/token on average, -0.007 on the France prompt): the first token
+    changed, not the rest. Judged on the point
     estimate, as (c): every lost fact is a wrong answer a user can see; facts the candidate gains do not
     make up for it. Absent when neither side has the suite (a user's suites without one); fail closed when
     only one has."""
@@ -289,8 +290,8 @@ def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateTh
     if own is None or reference is None:
         missing = "the parent's answers" if reference is None else "the candidate's answers"
         return [_skip("general_chat", "facts_lost", f"not evaluated: {missing}")]
-    answers, stated = dict(zip(own.ids, own.answers)), own.stated_ids()
-    known = [i for i in reference.ids if i in reference.stated_ids() and i in answers]
+    answers, stated, parent_stated = dict(zip(own.ids, own.answers)), own.stated_ids(), reference.stated_ids()
+    known = [i for i in reference.ids if i in parent_stated and i in answers]
     if not known:
         return [GateResult(gate="general_chat", subject="facts_lost", passed=True, value=0.0, parent_value=0.0,
                            delta=0.0, threshold=t.facts_lost_max, n_items=0, detectable_change=1.0, underpowered=True,
@@ -298,7 +299,7 @@ def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateTh
     lost = [i for i in known if i not in stated]
     share = len(lost) / len(known)
     failed = share > t.facts_lost_max + 1e-12
-    kept = np.array([0.0 if i in lost else 1.0 for i in known])
+    kept = np.array([float(i in stated) for i in known])
     parent_answers = dict(zip(reference.ids, reference.answers))
     examples = [f"{i}: {answers[i][:60]!r} (the parent: {parent_answers[i][:40]!r})" for i in lost[:3]]
     return [GateResult(
