@@ -237,8 +237,8 @@ async def phase_gateway(v0_dir: Path, tmp: Path, replicas: int) -> dict:
 def gateway_swap_log(text: str) -> list[dict]:
     """The gateway's own account of each swap ("now serving vN (fetch Xs, stall Ys, lock wait ...)")."""
     pattern = re.compile(r"now serving (v\d+) \(fetch ([\d.]+)s, stall ([\d.]+)s, lock wait ([\d.]+)s, "
-                         r"drain ([\d.]+)s, pause ([\d.]+)s, reload ([\d.]+)s")
-    keys = ("fetch_s", "stall_s", "lock_wait_s", "drain_s", "pause_s", "reload_s")
+                         r"drain ([\d.]+)s, pause ([\d.]+)s, reload ([\d.]+)s, \d+ replicas, (\d+) tensors changed")
+    keys = ("fetch_s", "stall_s", "lock_wait_s", "drain_s", "pause_s", "reload_s", "changed_tensors")
     return [{"version": v, **dict(zip(keys, map(float, rest)))} for v, *rest in pattern.findall(text)]
 
 

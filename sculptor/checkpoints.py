@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import defaultdict
+from contextlib import ExitStack
 import json
 import shutil
 import struct
@@ -122,6 +123,29 @@ def check_same_layout(new_dir: Path, serving_dir: Path) -> None:
         reshaped = sorted(k for k in set(new) & set(old) if new[k] != old[k])[:3]
         raise CorruptCheckpoint(f"{new_dir.name} does not fit the serving model's architecture "
                                 f"(missing {missing}, unexpected {extra}, reshaped {reshaped})")
+
+
+def changed_tensors(new_dir: Path, old_dir: Path) -> set[str]:
+    """Names of the tensors whose values differ between two checkpoints of the same layout.
+
+    Why: a swap reloads only these. A constrained job leaves the embeddings and norms alone
+    (a fifth of SmolLM2's weights, a third of its layers), and on vLLM's CPU backend the
+    reload is the whole stall of a one-replica swap: 0.33 s for all tensors, 0.24 s for the
+    changed ones, measured on an AMX Xeon.
+    """
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        old = {}
+        for path in sorted(old_dir.glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(path, "pt"))
+            old.update({name: handle for name in handle.keys()})
+        changed = set()
+        for path in sorted(new_dir.glob("*.safetensors")):
+            new = stack.enter_context(safe_open(path, "pt"))
+            changed.update(name for name in new.keys()
+                           if name not in old or not new.get_tensor(name).equal(old[name].get_tensor(name)))
+        return changed
 
 
 def check_safetensors_header(path: Path) -> dict:

@@ -2,7 +2,8 @@
 
 A swap (on a promotion event or an admin's activate) runs in this order:
 1. fetch the checkpoint into the local cache and verify it (commit marker, checksums,
-   safetensors headers, same tensor layout) — no replica is touched until this succeeds;
+   safetensors headers, same tensor layout) — no replica is touched until this succeeds — and
+   find the tensors that differ from the serving version's, so a reload loads only those;
 2. take the fleet lock in Redis, so the gateways of a fleet swap one at a time (Redis away:
    swap without it after a short wait, logged);
 3. roll the replicas one at a time: out of rotation → drain → pause → reload weights (+ prefix
@@ -57,6 +58,7 @@ class SwapRecord:
     pause_s: float = 0.0  # waiting for the engine's running step to end, summed over replicas
     reload_s: float = 0.0  # reload + resume, summed over replicas
     roll_s: float = 0.0  # first replica out of rotation to last one back
+    changed_tensors: int = 0  # tensors that differ from the previous version's: what each reload loaded
     at: float = field(default_factory=time.time)
 
 
@@ -116,6 +118,7 @@ class ServingModel:
             try:
                 model_dir = await asyncio.to_thread(self.fetch, version)
                 checkpoints.check_same_layout(model_dir, self.model_dir)
+                changed = await asyncio.to_thread(checkpoints.changed_tensors, model_dir, self.model_dir)
             except Exception as err:
                 return self._record(SwapRecord(version, self.version, False, time.monotonic() - started, 0.0,
                                                f"refused checkpoint {version}: {err}"))
@@ -123,21 +126,26 @@ class ServingModel:
             async with self._fleet_lock():
                 locked = time.monotonic()
                 times = RollTimes()
-                error = await self._roll(version, model_dir, times)
+                error = await self._roll(version, model_dir, changed, times)
             rolled = time.monotonic() - locked
             previous = self.version
             if error is None:
                 self.version, self.model_dir = version, model_dir
             stall = rolled if len(self.pool) == 1 else 0.0
             return self._record(SwapRecord(version, previous, error is None, fetched - started, stall, error,
-                                           locked - fetched, times.drain_s, times.pause_s, times.reload_s, rolled))
+                                           locked - fetched, times.drain_s, times.pause_s, times.reload_s, rolled,
+                                           len(changed)))
 
-    async def _roll(self, version: str, model_dir: Path, times: RollTimes) -> str | None:
-        """Swap the replicas one at a time; on a failure, put the swapped ones back on the old version."""
+    async def _roll(self, version: str, model_dir: Path, changed: set[str], times: RollTimes) -> str | None:
+        """Swap the replicas one at a time; on a failure, put the swapped ones back on the old version.
+
+        `changed` is measured against the pool's version; a replica left on another one by a failed
+        rollback reloads everything."""
         swapped: list[Replica] = []
         for replica in self.pool.least_busy_first():
             try:
-                await self._swap_replica(replica, version, model_dir, times)
+                await self._swap_replica(replica, version, model_dir, times,
+                                         changed if replica.model_dir == self.model_dir else None)
             except Exception as err:
                 for done in reversed(swapped):
                     await self._undo(done, times)
@@ -151,8 +159,10 @@ class ServingModel:
         except Exception as err:  # it keeps the new version, and says so in its label
             log.error("rollback of replica %d to %s failed: %s", replica.index, self.version, err)
 
-    async def _swap_replica(self, replica: Replica, version: str, model_dir: Path, times: RollTimes) -> None:
-        """One replica out of rotation, drained (other replicas serve meanwhile), reloaded, back in."""
+    async def _swap_replica(self, replica: Replica, version: str, model_dir: Path, times: RollTimes,
+                            changed: set[str] | None = None) -> None:
+        """One replica out of rotation, drained (other replicas serve meanwhile), reloaded, back in.
+        A reload that fails is followed by a full reload of the previous weights."""
         self.pool.take_out(replica)
         started = time.monotonic()
         if len(self.pool) > 1 and not await self.pool.drain(replica, DRAIN_TIMEOUT_S):
@@ -162,7 +172,7 @@ class ServingModel:
         await replica.engine.pause()
         paused = time.monotonic()
         try:
-            await replica.engine.reload(model_dir)
+            await replica.engine.reload(model_dir, changed)
             replica.hold(version, model_dir)
         except Exception:
             await replica.engine.reload(replica.model_dir)  # the previous weights, before it serves again
@@ -200,8 +210,9 @@ class ServingModel:
             metrics.SWAP_SECONDS.observe(record.fetch_s + record.lock_wait_s + record.roll_s)
             metrics.set_serving_version(record.version)
             log.info("now serving %s (fetch %.2fs, stall %.3fs, lock wait %.3fs, drain %.3fs, pause %.3fs, "
-                     "reload %.3fs, %d replicas)", record.version, record.fetch_s, record.stall_s, record.lock_wait_s,
-                     record.drain_s, record.pause_s, record.reload_s, len(self.pool))
+                     "reload %.3fs, %d replicas, %d tensors changed)", record.version, record.fetch_s, record.stall_s,
+                     record.lock_wait_s, record.drain_s, record.pause_s, record.reload_s, len(self.pool),
+                     record.changed_tensors)
         else:
             self.refused.add(record.version)
             log.error("swap to %s failed, still serving %s: %s", record.version, self.version, record.error)

@@ -1,6 +1,7 @@
 """Hot-swap on a real in-process vLLM engine (tiny random Llamas as versions).
 
 - greedy output after a swap equals a fresh engine's on the new checkpoint; after a rollback, the old one's;
+- a swap to a version that differs in a few tensors reloads only those, with the same output as a fresh engine;
 - requests in flight across a swap all complete;
 - a corrupted checkpoint is refused before the engine is touched, and a checkpoint the engine cannot
   load is rolled back: in both cases the old version keeps serving;
@@ -9,9 +10,12 @@
 
 import asyncio
 import os
+import shutil
 
 import pytest
+import torch
 from gateway_helpers import context_with_two_versions
+from safetensors.torch import load_file, save_file
 
 from sculptor import checkpoints
 from sculptor.tiny_model import build_tiny_model
@@ -36,7 +40,24 @@ def ctx(tmp_path_factory, redis_url):
     checkpoints.publish_dir(context.store, root / "v1", "v-corrupt")
     blob = context.store.get_bytes("checkpoints/v-corrupt/model.safetensors")
     context.store.put_bytes("checkpoints/v-corrupt/model.safetensors", blob[:-64] + bytes(64))
+    checkpoints.publish_dir(context.store, edited(root / "v1", root / "v1-edit", EDITED), "v1-edit")
     return context
+
+
+# One part of a fused layer (q of qkv_proj) and the tied embeddings: the partial reload must load the
+# whole fused layer and refresh the lm_head's kernel.
+EDITED = ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight")
+
+
+def edited(source, target, names):
+    """A copy of the checkpoint in `source` with noise added to the tensors `names`."""
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    noise = torch.Generator().manual_seed(7)
+    for name in names:
+        weights[name] = weights[name] + 0.5 * weights[name].std() * torch.randn(weights[name].shape, generator=noise)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
 
 
 def serving(ctx, pause_mode: str = "keep") -> ServingModel:
@@ -76,8 +97,8 @@ def fresh(ctx, loop) -> dict[str, list[str]]:
         finally:
             await engine.engine.shutdown()
 
-    out = {v: loop.run_until_complete(outputs(v)) for v in ("v0", "v1")}
-    assert out["v0"] != out["v1"]  # two different random models: a swap must show
+    out = {v: loop.run_until_complete(outputs(v)) for v in ("v0", "v1", "v1-edit")}
+    assert out["v0"] != out["v1"] != out["v1-edit"]  # a swap must show
     return out
 
 
@@ -100,6 +121,13 @@ def model(engine, loop) -> ServingModel:
 def test_greedy_output_after_a_swap_equals_a_fresh_engines(model, fresh, loop):
     assert loop.run_until_complete(model.swap_to("v1")).ok and model.version == "v1"
     assert loop.run_until_complete(greedy(model)) == fresh["v1"]
+
+
+def test_a_swap_reloads_only_the_changed_tensors_with_a_fresh_engines_output(model, fresh, loop):
+    assert loop.run_until_complete(model.swap_to("v1")).ok
+    record = loop.run_until_complete(model.swap_to("v1-edit"))
+    assert record.ok and record.changed_tensors == len(EDITED)
+    assert loop.run_until_complete(greedy(model)) == fresh["v1-edit"]
 
 
 def test_after_a_rollback_the_old_versions_output_comes_back(model, fresh, loop):
@@ -131,9 +159,9 @@ def test_a_checkpoint_that_fails_verification_is_refused_and_v0_keeps_serving(mo
 def test_a_reload_that_fails_in_the_engine_puts_the_old_weights_back(model, fresh, loop):
     real_reload = model.engine.reload
 
-    async def failing_once(model_dir):
+    async def failing_once(model_dir, changed=None):
         model.engine.reload = real_reload
-        await real_reload(model_dir)  # half-done: new weights are in when the failure hits
+        await real_reload(model_dir, changed)  # half-done: new weights are in when the failure hits
         raise RuntimeError("injected reload failure")
 
     model.engine.reload = failing_once

@@ -149,9 +149,9 @@ def test_failed_reload_on_second_replica_leaves_both_on_old_version(pair, loop):
         real = {r.index: r.engine.reload for r in pair.pool.replicas}
 
         def failing_second(replica: Replica):
-            async def reload(model_dir):
+            async def reload(model_dir, changed=None):
                 reloads.append(f"{replica.index}:{model_dir.name}")
-                await real[replica.index](model_dir)  # half-done: the new weights are in when the failure hits
+                await real[replica.index](model_dir, changed)  # half-done: the new weights are in when the failure hits
                 if len(reloads) == 2:
                     raise RuntimeError("injected reload failure")
             return reload

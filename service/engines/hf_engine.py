@@ -110,7 +110,8 @@ class TransformersEngine:
     async def pause(self) -> None:
         await self._lock.acquire()
 
-    async def reload(self, model_dir: Path) -> None:
+    async def reload(self, model_dir: Path, changed: set[str] | None = None) -> None:
+        """Loads every tensor whatever `changed` says: `load_state_dict` of a small model costs little."""
         from safetensors.torch import load_file
 
         state = {}

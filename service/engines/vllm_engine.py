@@ -98,9 +98,10 @@ class VLLMEngine:
         # "keep" freezes in-flight requests in the queue (they continue after resume); "wait" lets them finish.
         await self.llm.pause_generation(mode=self.pause_mode, clear_cache=False)
 
-    async def reload(self, model_dir: Path) -> None:
+    async def reload(self, model_dir: Path, changed: set[str] | None = None) -> None:
         self.weights_load += 1
-        await self.llm.collective_rpc("reload_checkpoint", kwargs={"weights_path": str(model_dir)})
+        tensors = sorted(changed) if changed is not None else None
+        await self.llm.collective_rpc("reload_checkpoint", kwargs={"weights_path": str(model_dir), "tensors": tensors})
         await self.llm.reset_prefix_cache()  # frees the old weights' cached blocks, unless requests still hold them
 
     async def resume(self) -> None:
