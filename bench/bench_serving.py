@@ -142,7 +142,8 @@ async def measure(cfg: sc.LoadConfig, name: str, during=None) -> dict:
 # ---------------------------------------------------------------- phase B: the Sculptor gateway
 
 def perturbed_copy(v0_dir: Path, out_dir: Path, seed: int) -> None:
-    """v0 with small noise on a few matrices: same layout, different weights (what a job produces)."""
+    """v0 with small noise on every projection matrix: what a constrained job changes (SmolLM2 v0 -> v1 of
+    `make run`: the 210 q/k/v/o/gate/up/down matrices; the embeddings and norms stay as they were)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -153,11 +154,9 @@ def perturbed_copy(v0_dir: Path, out_dir: Path, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for st in v0_dir.glob("*.safetensors"):
         tensors = load_file(st)
-        for layer in (seed % 5, 10 + seed % 5, 20 + seed % 5):
-            for name in ("self_attn.o_proj", "mlp.down_proj"):
-                w = tensors.get(f"model.layers.{layer}.{name}.weight")
-                if w is not None:
-                    w += torch.randn(w.shape, generator=gen, dtype=w.dtype) * (0.02 * w.std())
+        for name, w in tensors.items():
+            if name.endswith("_proj.weight"):
+                w += torch.randn(w.shape, generator=gen, dtype=w.dtype) * (0.02 * w.std())
         save_file(tensors, out_dir / st.name, metadata={"format": "pt"})
 
 
