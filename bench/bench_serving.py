@@ -1,10 +1,14 @@
 """`make bench-serving`: streaming throughput and latency, vLLM's own server vs the Sculptor gateway,
-with three hot-swaps during the gateway phase.
+with three hot-swaps in each gateway window.
 
-Phase A ("direct"): vLLM's OpenAI server on loopback, 32 concurrent streaming chat clients for 60 s.
-Phase B ("gateway"): `python -m deploy.run` (Redis, worker, gateway with its in-process vLLM engine)
-under the same load, while three promotions (perturbed copies of v0, published before the window)
-are made at ~15/30/45 s through `VersionStore.promote`, the worker's own promotion path.
+"direct": vLLM's OpenAI server on loopback; "gateway": `python -m deploy.run` (Redis, worker, gateway with
+its in-process vLLM engine). Both are started first and stay up; then 32 concurrent streaming chat
+clients load one of them for 60 s at a time, in the order direct, gateway, gateway, direct (ABBA).
+Why: this machine's speed drifts by more than the effect measured (the direct server alone did 423, 363
+and 289 tok/s in three runs within a day), and the ABBA order cancels a drift that is linear in time.
+In each gateway window three promotions (perturbed copies of v0, published before the windows) are
+made at ~15/30/45 s through `VersionStore.promote`, the worker's own promotion path.
+The ratio is the gateway windows' tokens over the direct windows'.
 
 `--replicas N` puts N engine replicas behind the gateway (rolling swaps, one replica at a time).
 The candidates are announced on the candidates channel before the window, as the worker does when it
@@ -26,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -103,9 +109,14 @@ def keep_log_tail(src: Path, name: str, lines: int = 300) -> None:
     (RESULTS / name).write_text("\n".join(text) + "\n")
 
 
-# ---------------------------------------------------------------- phase A: vLLM's own server
+# ---------------------------------------------------------------- the two servers
 
-async def phase_direct(model_dir: Path, tmp: Path) -> dict:
+WINDOWS = ("direct", "gateway", "gateway", "direct")
+
+
+@asynccontextmanager
+async def direct_server(model_dir: Path, tmp: Path):
+    """vLLM's own OpenAI server; yields the load config that targets it."""
     port = free_port()
     env = dict(os.environ, **COMMON_ENV)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -117,8 +128,7 @@ async def phase_direct(model_dir: Path, tmp: Path) -> dict:
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, START_TIMEOUT_S, "vLLM's server")
         log(f"direct: vLLM server ready in {time.monotonic() - started:.0f}s")
-        cfg = sc.LoadConfig(f"http://127.0.0.1:{port}", "smollm", CLIENTS, DURATION_S, MAX_TOKENS, TEMPERATURE)
-        return await measure(cfg, "direct")
+        yield sc.LoadConfig(f"http://127.0.0.1:{port}", "smollm", CLIENTS, DURATION_S, MAX_TOKENS, TEMPERATURE)
     finally:
         stop_process(proc, signal.SIGTERM, "vLLM server")
         keep_log_tail(log_path, "bench_serving_direct.log")
@@ -138,8 +148,6 @@ async def measure(cfg: sc.LoadConfig, name: str, during=None) -> dict:
         f"{summary['completion_tokens_per_s']} tok/s")
     return {"summary": summary, "t0": t0, "requests": requests}
 
-
-# ---------------------------------------------------------------- phase B: the Sculptor gateway
 
 def perturbed_copy(v0_dir: Path, out_dir: Path, seed: int) -> None:
     """v0 with small noise on every projection matrix: what a constrained job changes (SmolLM2 v0 -> v1 of
@@ -166,7 +174,7 @@ def publish_perturbed(settings, v0_dir: Path, tmp: Path) -> dict[str, str]:
     from sculptor.storage import open_store
 
     store, uris = open_store(settings), {}
-    for i in range(1, len(SWAP_AT_S) + 1):
+    for i in range(1, len(SWAP_AT_S) * WINDOWS.count("gateway") + 1):
         local = tmp / f"perturbed-v{i}"
         perturbed_copy(v0_dir, local, seed=i)
         uris[f"v{i}"] = checkpoints.publish_dir(store, local, f"v{i}")
@@ -183,11 +191,10 @@ def announce_candidates(redis_url: str, versions: list[str]) -> None:
         client.publish(CANDIDATES_CHANNEL, json.dumps({"version": version}))
 
 
-async def promote_on_schedule(redis_url: str, uris: dict[str, str], t0: float, promoted: dict) -> None:
+async def promote_on_schedule(redis_url: str, uris: dict[str, str], parent: str, t0: float, promoted: dict) -> None:
     from sculptor.records import ModelVersion, VersionStore, connect
 
     versions = VersionStore(connect(redis_url))
-    parent = "v0"
     for (name, uri), at in zip(uris.items(), SWAP_AT_S):
         await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         promoted[name] = time.monotonic()
@@ -196,7 +203,19 @@ async def promote_on_schedule(redis_url: str, uris: dict[str, str], t0: float, p
         parent = name
 
 
-async def phase_gateway(v0_dir: Path, tmp: Path, replicas: int) -> dict:
+@dataclass
+class GatewayStack:
+    cfg: sc.LoadConfig
+    port: int
+    redis_url: str
+    uris: dict[str, str]  # the versions to promote, in order, three per gateway window
+    serving: str = "v0"
+
+
+@asynccontextmanager
+async def gateway_stack(v0_dir: Path, tmp: Path, replicas: int, swaps: list[dict]):
+    """The Sculptor stack serving v0, with the candidates published and announced; yields a GatewayStack.
+    On exit, the gateway's own account of each swap is appended to `swaps`."""
     from sculptor.config import Settings
 
     var, port, redis_port = tmp / "var", free_port(), free_port()
@@ -219,18 +238,24 @@ async def phase_gateway(v0_dir: Path, tmp: Path, replicas: int) -> dict:
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         announce_candidates(redis_url, list(uris))
         cfg = sc.LoadConfig(f"http://127.0.0.1:{port}", "current", CLIENTS, DURATION_S, MAX_TOKENS, TEMPERATURE)
-        promoted: dict[str, float] = {}
-        result = await measure(cfg, "gateway",
-                               lambda t0: promote_on_schedule(redis_url, uris, t0, promoted))
-        result["promoted"] = promoted
-        result["lineage"] = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10).json()
-        return result
+        yield GatewayStack(cfg, port, redis_url, uris)
     finally:
         stop_process(proc, signal.SIGINT, "deploy.run")
-        keep_log_tail(log_path, f"bench_serving_gateway{'' if replicas == 1 else f'_r{replicas}'}.log", 600)
-        result_log = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if "result" in locals():
-            result["gateway_swaps"] = gateway_swap_log(result_log)
+        keep_log_tail(log_path, f"bench_serving_gateway{'' if replicas == 1 else f'_r{replicas}'}.log", 900)
+        swaps.extend(gateway_swap_log(log_path.read_text(errors="replace") if log_path.exists() else ""))
+
+
+async def gateway_window(stack: GatewayStack) -> dict:
+    """One window of load on the gateway, with the next three promotions in it."""
+    done = list(stack.uris).index(stack.serving) + 1 if stack.serving in stack.uris else 0
+    batch = dict(list(stack.uris.items())[done:done + len(SWAP_AT_S)])
+    promoted: dict[str, float] = {}
+    result = await measure(stack.cfg, "gateway",
+                           lambda t0: promote_on_schedule(stack.redis_url, batch, stack.serving, t0, promoted))
+    result |= {"promoted": promoted, "serving_before": stack.serving,
+               "lineage": httpx.get(f"http://127.0.0.1:{stack.port}/models", timeout=10).json()}
+    stack.serving = list(batch)[-1]
+    return result
 
 
 def gateway_swap_log(text: str) -> list[dict]:
@@ -286,7 +311,7 @@ def _ms_since(t0: float, t: float | None) -> float | None:
 def swaps_report(gateway: dict) -> list[dict]:
     reqs, t0 = gateway["requests"], gateway["t0"]
     median_gap = (gateway["summary"]["inter_token_gap_ms"]["p50"] or 0) / 1000
-    out, old = [], "v0"
+    out, old = [], gateway["serving_before"]
     for version, at in gateway["promoted"].items():
         out.append(swap_report(reqs, version, old, at, t0, median_gap))
         old = version
@@ -306,7 +331,7 @@ def gap_outside_swaps(gateway: dict, swaps: list[dict]) -> float:
 
 def late_labels(gateway: dict) -> int:
     """Requests started after a version's first new token that still carry an older version."""
-    order = ["v0", *gateway["promoted"]]
+    order = [gateway["serving_before"], *gateway["promoted"]]
     reqs = [r for r in sc.load_requests(gateway["requests"]) if r.ok]
     wrong = 0
     for i, version in enumerate(order[1:], start=1):
@@ -322,28 +347,41 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def report(direct: dict, gateway: dict, replicas: int) -> dict:
+def gateway_report(gateway: dict) -> dict:
     swaps = swaps_report(gateway)
-    d, g = direct["summary"], gateway["summary"]
+    return gateway["summary"] | {
+        "versions_served": sc.versions_served(sc.load_requests(gateway["requests"])),
+        "versions_served_probe": sc.versions_served([r for r in gateway["requests"] if r.client == sc.PROBE]),
+        "requests_started_after_swap_with_old_label": late_labels(gateway),
+        "max_stream_gap_outside_swaps_ms": round(gap_outside_swaps(gateway, swaps) * 1000, 1),
+        "serving_at_end": gateway.get("lineage", {}).get("serving"), "swaps": swaps}
+
+
+def pooled(summaries: list[dict], key: str) -> float:
+    return sum(s[key] for s in summaries) / len(summaries)
+
+
+def report(windows: list[tuple[str, dict]], gateway_swaps: list[dict], replicas: int) -> dict:
+    direct = [w["summary"] for name, w in windows if name == "direct"]
+    gateway = [gateway_report(w) for name, w in windows if name == "gateway"]
+    pairs = [(g, d) for g, d in zip(gateway, direct)]  # (G1, D1) and (G2, D2): the drift within the run
     return {
         "setup": {"model": "SmolLM2-135M-Instruct (bf16)", "engine_replicas": replicas, "clients": CLIENTS,
-                  "duration_s": DURATION_S,
+                  "duration_s": DURATION_S, "windows": list(WINDOWS),
                   "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "max_num_seqs": CLIENTS,
                   "kv_cache_gib": COMMON_ENV["VLLM_CPU_KVCACHE_SPACE"], "cpus": os.cpu_count(),
                   "swaps_at_s": list(SWAP_AT_S), "when": time.strftime("%Y-%m-%d %H:%M:%S")},
-        "direct": d,
-        "gateway": g | {"versions_served": sc.versions_served(sc.load_requests(gateway["requests"])),
-                        "versions_served_probe": sc.versions_served(
-                            [r for r in gateway["requests"] if r.client == sc.PROBE]),
-                        "requests_started_after_swap_with_old_label": late_labels(gateway),
-                        "max_stream_gap_outside_swaps_ms": round(gap_outside_swaps(gateway, swaps) * 1000, 1),
-                        "gateway_swap_log": gateway.get("gateway_swaps", []),
-                        "serving_at_end": gateway.get("lineage", {}).get("serving")},
-        "gateway_over_direct_tokens_per_s": _ratio(g["completion_tokens_per_s"], d["completion_tokens_per_s"]),
-        "gateway_over_direct_tokens_per_s_to_last_token": _ratio(g["completion_tokens_per_s_to_last_token"],
-                                                                  d["completion_tokens_per_s_to_last_token"]),
-        "swaps": swaps,
-        "goals": {"failed_requests": 0, "tokens_per_s_ratio": 0.95, "promote_to_first_new_token_ms": 1000},
+        "direct": direct,
+        "gateway": gateway,
+        "gateway_swap_log": gateway_swaps,
+        "gateway_over_direct_tokens_per_s": _ratio(pooled(gateway, "completion_tokens_per_s"),
+                                                   pooled(direct, "completion_tokens_per_s")),
+        "gateway_over_direct_tokens_per_s_to_last_token": _ratio(
+            pooled(gateway, "completion_tokens_per_s_to_last_token"),
+            pooled(direct, "completion_tokens_per_s_to_last_token")),
+        "window_pair_ratios": [_ratio(g["completion_tokens_per_s"], d["completion_tokens_per_s"]) for g, d in pairs],
+        "failed_requests": sum(s["failed_requests"] for s in direct + gateway),
+        "goals": {"failed_requests": 0, "tokens_per_s_ratio": 0.97, "promote_to_first_new_token_ms": 1000},
     }
 
 
@@ -351,18 +389,26 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1], metavar="N",
                         help="engine replicas behind the gateway (default 1); several values run one gateway "
-                             "phase each, all compared with the same direct phase")
+                             "stack each, each compared with its own direct windows")
     return parser.parse_args()
 
 
-def write_results(direct: dict, gateway: dict, replicas: int) -> dict:
-    out = report(direct, gateway, replicas)
+def write_results(windows: list[tuple[str, dict]], gateway_swaps: list[dict], replicas: int) -> dict:
+    out = report(windows, gateway_swaps, replicas)
     suffix = "" if replicas == 1 else f"_r{replicas}"
     (RESULTS / f"bench_serving{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
-    raw = {"direct": sc.dump(direct["requests"], direct["t0"]), "gateway": sc.dump(gateway["requests"], gateway["t0"]),
-           "promoted_at_s": {v: round(t - gateway["t0"], 3) for v, t in gateway["promoted"].items()}}
+    raw = [{"window": name, "requests": sc.dump(w["requests"], w["t0"]),
+            "promoted_at_s": {v: round(t - w["t0"], 3) for v, t in w.get("promoted", {}).items()}}
+           for name, w in windows]
     (RESULTS / f"bench_serving{suffix}_requests.json").write_text(json.dumps(raw) + "\n")
     return out
+
+
+async def run_windows(direct_cfg: sc.LoadConfig, stack: GatewayStack) -> list[tuple[str, dict]]:
+    windows = []
+    for name in WINDOWS:
+        windows.append((name, await (measure(direct_cfg, "direct") if name == "direct" else gateway_window(stack))))
+    return windows
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -373,11 +419,13 @@ async def main(args: argparse.Namespace) -> int:
     reports = []
     with tempfile.TemporaryDirectory(prefix="sculptor-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
-        direct = await phase_direct(v0_dir, tmp)
-        for replicas in args.replicas:
-            (tmp / f"r{replicas}").mkdir()
-            gateway = await phase_gateway(v0_dir, tmp / f"r{replicas}", replicas)
-            reports.append(write_results(direct, gateway, replicas))
+        async with direct_server(v0_dir, tmp) as direct_cfg:
+            for replicas in args.replicas:
+                (tmp / f"r{replicas}").mkdir()
+                swaps: list[dict] = []
+                async with gateway_stack(v0_dir, tmp / f"r{replicas}", replicas, swaps) as stack:
+                    windows = await run_windows(direct_cfg, stack)
+                reports.append(write_results(windows, swaps, replicas))
     print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 0
 
