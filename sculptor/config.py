@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     # The one device a job trains and gates on (worker/training/device.py): auto (CUDA when present), cpu,
     # cuda or cuda:N.
     train_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Processes each training round runs on: 1 trains in the job's process on train_device; N > 1 runs every
+    # round under torchrun on N ranks, FSDP2-sharded (worker/training/sharded_round.py): one per GPU, or N
+    # gloo processes on a CPU machine. The job's own process then keeps its model on the CPU.
+    train_gpus: int = Field(1, ge=1)
     # At most this many examples per forward and backward (None: the whole batch); the gradients of a batch's
     # micro-batches add up to one update, so a large batch projects once at the memory of a small one.
     train_micro_batch: int | None = Field(None, ge=1)

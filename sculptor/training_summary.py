@@ -74,6 +74,7 @@ class TrainingSummary(BaseModel):
     truncated_examples: int = 0
     max_seq_len: int
     mean_step_s: float = 0.0
+    train_processes: int = 1  # ranks each training round ran on (SCULPTOR_TRAIN_GPUS; 1: the job's own process)
     rounds: int = 1  # passes of the planned steps: more while an exact-match task was not yet learned (auto.py)
     reproduced_share: list[float] = Field(default_factory=list)  # of the task's own examples, after each round
     method: str

@@ -23,7 +23,7 @@ from sculptor.records import HeadMoved, JobEnded, JobRecord, Progress, TaskRecor
 from sculptor.training_summary import TrainingSummary
 from worker import gate_step, osft
 from worker.training import data as training_data
-from worker.training import auto, rehearsal, replay
+from worker.training import auto, rehearsal, replay, sharded_round
 from worker.training.device import load_model, resolve_train_device, use_bf16
 from worker.training.loop import LRSchedule, NonFiniteLoss, TrainingCancelled, train
 
@@ -67,7 +67,8 @@ class Candidate:
 
 # JobRecord.error_code of each failure a job can end with.
 FAILURE_CODES = {NonFiniteLoss: "non_finite_loss", JobTooLarge: "job_too_large", JobTimeLimit: "job_time_limit",
-                 osft.CapacityExhausted: osft.CapacityExhausted.code}
+                 osft.CapacityExhausted: osft.CapacityExhausted.code,
+                 sharded_round.ShardedTrainingFailed: sharded_round.ShardedTrainingFailed.code}
 
 
 def run_job(ctx: Context, job_id: str, check_lock=lambda: None) -> JobRecord:
@@ -224,7 +225,8 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     settings = ctx.settings
     hp = task.hyperparameters
     parent_dir = checkpoints.fetch(ctx.store, parent, settings.checkpoint_cache_dir)
-    device = resolve_train_device(settings.train_device)
+    ranks = settings.train_gpus  # > 1: every round trains on that many processes; this one keeps the model on the CPU
+    device = resolve_train_device("cpu" if ranks > 1 else settings.train_device)
     model, tokenizer = load_model(parent_dir, device)
     auto_lr, auto_epochs = (_is_auto(v, settings.auto_hyperparameters) for v in (hp.learning_rate, hp.epochs))
     data = training_data_for(ctx, task, parent, model, tokenizer, split_validation=auto_lr)
@@ -245,19 +247,27 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
     learning_rate, chosen = choose_learning_rate(ctx, hp, model, constraint, data, batch_size, tokenizer.pad_token_id,
                                                  bf16, epochs, len(batches))
 
+    schedule = LRSchedule(settings.train_warmup_fraction, settings.train_min_lr_ratio)
+    rank_bases = ranks_bases(registry, parent, constraint) if ranks > 1 else None
+    world_sizes: list[int] = []
+
     def train_round(round_batches, done_steps: int = 0):
-        return train(
-            model, round_batches, constraint,
-            learning_rate=learning_rate,
-            steps_per_epoch=steps_per_epoch,
-            bf16_autocast=bf16,
-            schedule=LRSchedule(settings.train_warmup_fraction, settings.train_min_lr_ratio),
-            micro_batch=settings.train_micro_batch,
-            on_progress=lambda p: ctx.jobs.update(job.job_id, progress=replace(
-                p, step=p.step + done_steps, total_steps=p.total_steps + done_steps)),
-            should_stop=lambda: (deadline.check("while training") or check_lock()
-                                 or ctx.jobs.get(job.job_id).cancel_requested),
-        )
+        def on_progress(p):
+            ctx.jobs.update(job.job_id, progress=replace(p, step=p.step + done_steps,
+                                                         total_steps=p.total_steps + done_steps))
+
+        def should_stop():
+            return deadline.check("while training") or check_lock() or ctx.jobs.get(job.job_id).cancel_requested
+
+        if ranks > 1:
+            done = sharded_round.train_round_on_ranks(
+                ranks, model, round_batches, constraint, rank_bases, learning_rate, steps_per_epoch,
+                use_bf16(settings.train_bf16, ranks_device()), schedule, on_progress, should_stop)
+            world_sizes.append(done.world_size)  # what the ranks reported, for the job's summary
+            return done.result
+        return train(model, round_batches, constraint, learning_rate=learning_rate, steps_per_epoch=steps_per_epoch,
+                     bf16_autocast=bf16, schedule=schedule, micro_batch=settings.train_micro_batch,
+                     on_progress=on_progress, should_stop=should_stop)
 
     torch.manual_seed(hp.seed)
     rounds = [train_round(batches)]
@@ -276,11 +286,32 @@ def train_candidate(ctx: Context, job: JobRecord, task: TaskRecord, parent: str,
                 "replayed_examples": data.replayed, "replay_kl": data.replay_kl, "rehearsed_examples": data.rehearsed, "learning_rate": learning_rate, "epochs": epochs,
                 "auto": chosen.model_dump() if chosen else None,
                 "truncated_examples": data.truncated, "max_seq_len": data.max_seq_len, "mean_step_s": round(sum(r.mean_step_s * r.steps for r in rounds) / max(1, steps), 4),
+                "train_processes": max(world_sizes, default=1),
                 "rounds": len(rounds), "reproduced_share": reproduced,
                 "method": hp.method, "constraint": constraint.report(), "subspace": subspace})
     del model
     model_dir = checkpoints.fetch(ctx.store, version, settings.checkpoint_cache_dir)
     return Candidate(version, uri, model_dir, parent_dir, training)
+
+
+def ranks_bases(registry: osft.SubspaceRegistry, parent: str, constraint) -> dict | None:
+    """What the ranks of a sharded round protect: the parent's bases of the matrices this job projects (from the
+    registry, where build_constraint just loaded or stored them) with the task memory this job uses; None for
+    method "full"."""
+    if not isinstance(constraint, osft.SubspaceConstraint):
+        return None
+    names = list(constraint.projectors)
+    bases = registry.load_bases(parent, names) if names else {}
+    if bases is None:
+        raise sharded_round.ShardedTrainingFailed(f"the subspace bases of {parent} are not in the registry, "
+                                                  "so the ranks cannot share them")
+    for name in names:
+        bases[name].memory = constraint.memory.get(name)
+    return bases
+
+
+def ranks_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def more_rounds_until_learned(settings, hp, rounds: list, train_round, batches, everything: list, deadline: Deadline,

@@ -47,16 +47,16 @@ def local_rows(weight: DTensor) -> slice:
 
 
 class ShardedProjector:
-    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k ≤ m.
+    """The constraint for the local rows of one sharded weight (out × in) with protected rank k, 0 < k ≤ m,
+    and on the input side also the task memory's directions (`memory`, in × r).
 
     The right-side basis is needed whole, one matrix at a time. By default every rank keeps it resident;
     with `shard_right` each rank keeps 1/N of its rows and the projection all-gathers it just in time
     (one more collective per matrix, and 1/N of the memory: what a 70B model needs, see deploy/README.md).
     """
 
-    def __init__(self, weight: DTensor, bases: Bases, k: int, shard_right: bool = False):
-        if getattr(bases, "memory", None) is not None and bases.memory.numel():
-            raise NotImplementedError("task memory (worker/osft/memory.py) is not applied to sharded weights yet")
+    def __init__(self, weight: DTensor, bases: Bases, k: int, shard_right: bool = False,
+                 memory: torch.Tensor | None = None, memory_share: float = 1.0):
         local = weight.to_local()
         if local.dtype != torch.float32:
             raise ValueError(f"the constraint needs fp32 master weights, got {local.dtype}")
@@ -69,7 +69,11 @@ class ShardedProjector:
         # Each side keeps the protected basis or its complement, whichever is smaller (projector.Side);
         # the left one holds only this rank's rows.
         self.left = Side.from_svd(bases.U[rows].to(device), k, complement_exists=out_features == m)
-        self.right = Side.from_svd(bases.Vh.T.to(device), k, complement_exists=in_features == m)
+        # The task memory protects input directions: the right side, which every rank holds whole, so it
+        # applies as in one process (worker/osft/projector.py). Every rank must get the same memory tensor.
+        self.right = Side.from_svd(bases.Vh.T.to(device), k, complement_exists=in_features == m,
+                                   memory=None if memory is None else memory.to(device), memory_share=memory_share)
+        self.memory_rank = self.right.protected_rank(in_features) - k
         self.in_features = in_features
         if shard_right:
             self.right.basis = _padded_row_chunk(self.right.basis, self.group)

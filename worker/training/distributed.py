@@ -10,14 +10,22 @@ returns). Every rank loads the parent model, the plan (protected ranks) is made 
 is sharded, the SVDs are spread over the ranks (one matrix at a time), each rank trains on its rows of every global batch
 with the unchanged loop (`worker.training.loop.train`), and rank 0 writes the gathered checkpoint.
 NCCL on GPUs, gloo on CPU; FSDP2 runs on both (tests/test_distributed_training.py runs 2 CPU processes).
+
+A job of the queue (SCULPTOR_TRAIN_GPUS > 1, worker/training/sharded_round.py) passes `--round` instead:
+a `torch.save`d dict with the batches, the job's plans (the parent's rank floors from the registry), the
+parent's bases with the task memory, the constraint's config and the schedule. Then no rank plans or runs
+an SVD: every rank reads the same bases, so they are bitwise equal on all of them. Rank 0 appends each
+progress report to `--progress` (JSON lines) and writes the result to `--out-dir`/training.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,7 +49,10 @@ from worker.osft.sharded import (
 )
 from worker.osft.subspace import Bases, compute_bases, target_modules
 from worker.training.data import IGNORE_INDEX
-from worker.training.loop import TrainResult, train
+from worker.training.loop import LRSchedule, TrainResult, train
+
+# A collective that waits longer than this ends the rank with an error instead of hanging (a lost peer).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 def init_distributed(init_method: str = "env://", rank: int | None = None,
@@ -51,7 +62,7 @@ def init_distributed(init_method: str = "env://", rank: int | None = None,
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
-    dist.init_process_group(backend, init_method=init_method, **kwargs)
+    dist.init_process_group(backend, init_method=init_method, timeout=COLLECTIVE_TIMEOUT, **kwargs)
     return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
 
 
@@ -111,14 +122,21 @@ def broadcast_bases(weight: DTensor, owner: int, device: torch.device) -> Bases:
 
 
 def build_projectors(targets: dict[str, torch.nn.Linear], plans: dict[str, MatrixPlan], device: torch.device,
-                     shard_right: bool) -> dict[str, ShardedProjector]:
-    """A projector for every target that trains under protection, from the sharded weights."""
+                     shard_right: bool, config: OSFTConfig,
+                     given: dict[str, Bases] | None = None) -> dict[str, ShardedProjector]:
+    """A projector for every target that trains under protection, from the sharded weights: with the `given`
+    bases (the same on every rank: the parent's, from the registry, with its task memory), else an SVD."""
     names = [name for name, plan in plans.items() if not plan.spent and plan.k > 0]
     projectors = {}
     for i, name in enumerate(names):
         weight = targets[name].weight
-        bases = broadcast_bases(weight, owner=i % dist.get_world_size(), device=device)
-        projectors[name] = ShardedProjector(weight, bases, plans[name].k, shard_right)
+        if given is not None:
+            bases = given[name].to(device)
+        else:
+            bases = broadcast_bases(weight, owner=i % dist.get_world_size(), device=device)
+        memory = bases.memory if config.task_memory else None
+        projectors[name] = ShardedProjector(weight, bases, plans[name].k, shard_right, memory, config.memory_share)
+        plans[name].memory_rank = projectors[name].memory_rank
     return projectors
 
 
@@ -150,6 +168,10 @@ def train_sharded(
     bf16: bool = False,
     shard_right_bases: bool = False,
     activation_checkpointing: bool = False,
+    plans: dict[str, MatrixPlan] | None = None,
+    bases: dict[str, Bases] | None = None,
+    schedule: LRSchedule = LRSchedule(),
+    on_progress=None,
 ) -> tuple[TrainResult, ShardedSubspaceConstraint]:
     """Plan, shard and train `model` (full, fp32, the same on every rank) on the global `batches`.
 
@@ -157,12 +179,15 @@ def train_sharded(
     method "full" trains the same matrices without projection (the baseline of `worker.osft.full`).
     `shard_right_bases`: keep 1/N of each right-side basis per rank and gather it per matrix (large models).
     `activation_checkpointing`: keep only each decoder layer's input and recompute the rest in backward.
+    `plans` and `bases` (a job's round: the same on every rank) replace the planning and the SVDs.
     """
     config = config or OSFTConfig()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
         else torch.device("cpu")
     targets = target_modules(model, config)
-    if method == "osft":
+    if plans is not None:
+        pass  # the job planned them (sharded_round.py)
+    elif method == "osft":
         plans = plan_on_rank0(model, targets, batches[:importance_steps], parent_record, config)
         require_capacity(plans, config, len(parent_record.tasks) if parent_record else 0)  # same plans on every rank
     else:
@@ -173,13 +198,13 @@ def train_sharded(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_model(model, mesh, bf16_params=bf16 and device.type == "cuda")
     extras = [p for name, p in model.named_parameters() if name in extra_names]
-    projectors = build_projectors(targets, plans, device, shard_right_bases)
+    projectors = build_projectors(targets, plans, device, shard_right_bases, config, bases)
     constraint = ShardedSubspaceConstraint(targets, plans, projectors, extras)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     local_batches = [split_batch(batch, rank, world, device) for batch in batches]
     result = train(model, local_batches, constraint, learning_rate=learning_rate,
-                   steps_per_epoch=steps_per_epoch, bf16_autocast=bf16)
+                   steps_per_epoch=steps_per_epoch, bf16_autocast=bf16, schedule=schedule, on_progress=on_progress)
     result.losses = global_losses(result.losses, device)
     result.final_loss = result.losses[-1] if result.losses else float("nan")
     return result, constraint
@@ -211,12 +236,36 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], parent_dir: Path, out_d
             shutil.copy2(path, out_dir / path.name)
 
 
+def read_round(path: Path) -> dict:
+    """A job's round (worker/training/sharded_round.py: write_round) as train_sharded's arguments."""
+    saved = torch.load(path, weights_only=True)
+    bases = {name: Bases(b["U"], b["S"], b["Vh"], b.get("memory")) for name, b in saved["bases"].items()}
+    plans = None if saved["plans"] is None else {name: MatrixPlan(**p) for name, p in saved["plans"].items()}
+    return {"batches": saved["batches"], "plans": plans,
+            "bases": bases, "config": OSFTConfig(**saved["config"]), "method": saved["method"],
+            "learning_rate": saved["learning_rate"], "steps_per_epoch": saved["steps_per_epoch"],
+            "schedule": LRSchedule(**saved["schedule"]), "bf16": saved["bf16"]}
+
+
+def progress_writer(path: Path | None):
+    """Rank 0's progress reports as JSON lines, which the job's process reads (None elsewhere)."""
+    if path is None or dist.get_rank() != 0:
+        return None
+
+    def write(progress) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(dataclasses.asdict(progress)) + "\n")
+    return write
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="the parent (Hugging Face directory)")
-    parser.add_argument("--batches", type=Path, required=True, help="torch.save'd list of global batches")
+    parser.add_argument("--batches", type=Path, help="torch.save'd list of global batches")
+    parser.add_argument("--round", type=Path, help="a job's round (batches, plans, bases, config, schedule)")
+    parser.add_argument("--progress", type=Path, help="rank 0 appends its progress reports here (JSON lines)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where rank 0 writes the candidate")
-    parser.add_argument("--learning-rate", type=float, required=True)
+    parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="default: all batches are one epoch")
     parser.add_argument("--method", choices=["osft", "full"], default="osft")
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (master weights stay fp32)")
@@ -225,16 +274,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute each decoder layer in backward (needed for long sequences, large models)")
     args = parser.parse_args(argv)
+    if (args.round is not None) == (args.batches is not None and args.learning_rate is not None):
+        parser.error("give either --round, or --batches and --learning-rate")
 
     from transformers import AutoModelForCausalLM
 
     mesh = init_distributed()
-    batches = torch.load(args.batches)
+    if args.round is not None:
+        job = read_round(args.round)
+    else:
+        batches = torch.load(args.batches)
+        job = {"batches": batches, "learning_rate": args.learning_rate, "method": args.method, "bf16": args.bf16,
+               "steps_per_epoch": args.steps_per_epoch or len(batches)}
+    batches = job.pop("batches")
+    learning_rate, steps_per_epoch = job.pop("learning_rate"), job.pop("steps_per_epoch")
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    result, constraint = train_sharded(model, batches, mesh, args.learning_rate,
-                                       args.steps_per_epoch or len(batches), method=args.method, bf16=args.bf16,
+    result, constraint = train_sharded(model, batches, mesh, learning_rate, steps_per_epoch,
                                        shard_right_bases=args.shard_right_bases,
-                                       activation_checkpointing=args.activation_checkpointing)
+                                       activation_checkpointing=args.activation_checkpointing,
+                                       on_progress=progress_writer(args.progress), **job)
     state_dict = gather_state_dict(model)
     if dist.get_rank() == 0:
         args.out_dir.mkdir(parents=True, exist_ok=True)
