@@ -7,6 +7,7 @@ registry load time. Each run also times its optimizer step (for the constrained 
 the projection), which gives an overhead ratio less exposed to other processes sharing the CPU.
 
     .venv/bin/python bench/bench_train.py [--steps 5] [--warmup 1] [--ratio 0.75] [--bf16] [--threads N]
+        [--batch 32 --micro-batch 8]   # one update per batch of 32, forward and backward 8 rows at a time
 """
 
 from __future__ import annotations
@@ -70,15 +71,18 @@ def run_method(method: str, args) -> dict:
     if method.startswith("osft"):
         registry = SubspaceRegistry(redis.Redis.from_url(args.redis_url, decode_responses=True),
                                     ObjectStore(Path(args.store).as_uri()))
+    from worker.training.loop import micro_batches
+
     model, params, optimizer, info = build(method, model, args, registry)
     batch = fixed_batch(model.config.vocab_size, args.batch, args.seq_len)
     step_s, optimizer_s = [], []
     model.train()
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**batch).loss
-        loss.backward()
+        for part, weight in micro_batches(batch, args.micro_batch):  # as the job's loop: one update per batch
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model(**part).loss * weight
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         stepping = time.perf_counter()
         optimizer.step()  # the constrained optimizer includes the projection
@@ -95,7 +99,8 @@ def run_method(method: str, args) -> dict:
 def spawn(method: str, args, redis_url: str, store: str) -> dict:
     command = [sys.executable, __file__, "--worker", method, "--redis-url", redis_url, "--store", store,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--ratio", str(args.ratio),
-               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])
+               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
+               "--micro-batch", str(args.micro_batch or 0)] + (["--bf16"] if args.bf16 else [])
     print(f"[bench-train] {method} ...", file=sys.stderr, flush=True)
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.75, help="protected ratio k/m for osft and PEFT OSF")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256, help="default: the service's default_max_seq_len")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="rows per forward and backward, one update per batch (SCULPTOR_TRAIN_MICRO_BATCH; 0: all)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slow on CPUs without AVX-512 BF16)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -134,7 +141,8 @@ def main() -> None:
 
 def summarise(runs: dict[str, dict], args) -> dict:
     plain = runs.get("plain")
-    result = {"model": "SmolLM2-135M-Instruct", "batch": args.batch, "seq_len": args.seq_len,
+    result = {"model": "SmolLM2-135M-Instruct", "batch": args.batch, "micro_batch": args.micro_batch or None,
+              "seq_len": args.seq_len,
               "protected_ratio": args.ratio, "bf16_autocast": args.bf16, "threads": args.threads, "steps": args.steps, "runs": runs}
     if plain:
         result["ratios_vs_plain"] = {
