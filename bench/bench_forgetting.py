@@ -119,7 +119,7 @@ def against_base(ctx, final: str, task_answers: set[str]) -> dict:
     leaked = last.general_chat.leaks(task_answers, parent=base.general_chat)  # the gate's check, against v0
     shortened = last.general_chat.shortened(base.general_chat)  # the gate's other per-prompt check
     collapsed = [c for (c, _), leak, short in zip(pairs, leaked, shortened) if leak or short]
-    facts = facts_lost(last.facts, base.facts, t)  # the gate's facts check, against v0
+    facts = facts_lost(last.facts, base.facts, t, against="root")  # the gate's root facts check, against v0
     everyday = generator.generate([[{"role": "user", "content": p}] for p in EVERYDAY], 32)
     return {
         "chat_nll_rise": nll.delta, "chat_nll_ci": [nll.ci_low, nll.ci_high], "chat_nll_threshold": nll.threshold,

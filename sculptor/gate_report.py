@@ -26,6 +26,7 @@ STRICTER: dict[str, Literal["lower", "higher"]] = {
     "benign_over_refusal_max_rise": "lower", "ifeval_max_drop": "lower", "perplexity_max_ratio": "lower",
     "general_chat_max_nll_rise": "lower", "general_chat_max_root_rise": "lower", "collapse_min_ratio": "higher", "require_significance": "lower",
     "task_answer_leak_max_rise": "lower", "shortened_answers_max": "lower", "facts_lost_max": "lower",
+    "facts_lost_max_root": "lower",
     "harmful_answers_max_nll_rise": "lower", "ifeval_answers_max_nll_rise": "lower",
 }
 
@@ -53,6 +54,9 @@ class GateThresholds(BaseModel):
     shortened_answers_max: float = Field(0.04, ge=0, le=1)
     # Share of the short factual questions whose fact the parent states and the candidate no longer does.
     facts_lost_max: float = Field(0.10, ge=0, le=1)
+    # The same against the lineage's root (v0): what the jobs' losses add up to, held to the per-job bound as
+    # general_chat_max_root_rise is.
+    facts_lost_max_root: float = Field(0.10, ge=0, le=1)
     power: float = Field(0.8, gt=0.5, lt=1)  # for the detectable change each gate reports
     require_significance: bool = True
     confidence: float = Field(0.95, gt=0.5, lt=1)

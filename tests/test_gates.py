@@ -551,6 +551,22 @@ def test_the_facts_gate_fails_closed_and_says_when_the_parent_knows_none():
     assert report.passed and _gate(report, "facts_lost").underpowered and "general_chat:facts_lost" in report.summary
 
 
+def test_facts_lost_job_by_job_are_bounded_against_the_lineage_root():
+    """Each job within its 10 % of its parent, the lineage more than 10 % from the root: rejected."""
+    root, parent = _version({"A": [1] * 20}), _version({"A": [1] * 20, "B": [0] * 20})
+    root.facts = _facts([True] * 80)
+    parent.facts = _facts([False] * 6 + [True] * 74)  # the jobs so far lost 6 of the root's 80
+    candidate = _version({"A": [1] * 20, "B": [1] * 20})
+    candidate.facts = _facts([False] * 12 + [True] * 68)  # 6 more of the parent's 74 (8 %): 12 of the root's (15 %)
+    report = decide(candidate, parent, "B", root=root)  # (the root has no chat answers here: root_answers_nll fails)
+    assert "general_chat:root_facts_lost" in report.failed
+    assert _gate(report, "facts_lost").passed and _gate(report, "root_facts_lost").value == pytest.approx(0.15)
+    assert "12 of the 80 facts the root states" in _gate(report, "root_facts_lost").reason
+    assert all(g.subject != "root_facts_lost" for g in decide(candidate, parent, "B").gates)  # job 1: no root
+    candidate.facts = _facts([False] * 8 + [True] * 72)  # 8 of the root's 80: within 10 %
+    assert _gate(decide(candidate, parent, "B", root=root), "root_facts_lost").passed
+
+
 def test_the_shipped_facts_are_held_out_from_the_replay_pool():
     from worker.training.replay import POOL
 

@@ -99,7 +99,7 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
     `root`: the lineage's first version when the parent is not it (its scores are completed in place)."""
     with open_generator(parent_dir, device, engine) as generator:
         parent_scores = gates.evaluate(generator, task_evals, the_suites, reuse=parent_stored)
-    if root is not None and not _has_chat_answers(root.scores, the_suites):
+    if root is not None and not _has_root_answers(root.scores, the_suites):
         with open_generator(root.model_dir(), device, engine) as generator:
             root.scores = gates.evaluate(generator, {}, the_suites, reuse=root.scores)
     with open_generator(candidate_dir, device, engine) as generator:
@@ -112,9 +112,11 @@ def score_and_decide(task_evals: dict[str, TaskEval], the_suites: gates.Suites, 
     return parent_scores, candidate_scores, report
 
 
-def _has_chat_answers(scores: gates.VersionScores | None, the_suites: gates.Suites) -> bool:
-    ids = [item.id for item in the_suites.general_chat]
-    return scores is not None and scores.general_chat is not None and scores.general_chat.ids == ids
+def _has_root_answers(scores: gates.VersionScores | None, the_suites: gates.Suites) -> bool:
+    """The root's stored scores hold its answers to the current general-chat and facts suites."""
+    chat, facts = [item.id for item in the_suites.general_chat], [item.id for item in the_suites.facts]
+    return (scores is not None and scores.general_chat is not None and scores.general_chat.ids == chat
+            and (not facts or (scores.facts is not None and scores.facts.ids == facts)))
 
 
 def gate_engine(setting: str, device) -> str:

@@ -23,7 +23,8 @@
                             answered in at most 3 words where the parent used 8 or more stays within
                             shortened_answers_max; (e) facts_lost, of the short factual questions whose
                             fact the parent states ("What is the capital of Peru?" -> "... Lima"), the share
-                            the candidate no longer states stays within facts_lost_max. This is
+                            the candidate no longer states stays within facts_lost_max (and, of the
+                            lineage root's, within facts_lost_max_root: root_facts_lost). This is
                             the gate that sees a model answering "billing" to "What is the capital of
                             France?" after learning a task of one-word answers, which the suites 3-5 (built
                             for abilities a 135M model barely has) let through.
@@ -275,8 +276,11 @@ def shortened_answers(own: ChatAnswers, reference: ChatAnswers, t: GateThreshold
                + (f"; e.g. {'; '.join(examples)}" if examples else ""))
 
 
-def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateThresholds) -> list[GateResult]:
-    """The parent's facts the candidate no longer states. Why beside (a): a task of "What is the SKU of the
+def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateThresholds,
+               against: str = "parent") -> list[GateResult]:
+    """The `against` version's facts the candidate no longer states: the parent's (each job may lose up to
+    facts_lost_max), or the lineage root's (root_facts_lost, up to facts_lost_max_root: what the jobs' losses
+    add up to; four jobs of bench-forgetting lost 2-7 % each and 9.2 % of v0's facts together). Why beside (a): a task of "What is the SKU of the
     desk lamp?" -> "SKU-6305" left SmolLM2 answering "What is the capital of France?" with "La femme de
     France, le grand-fantômeau ..." and 20 more of its 75 known facts with something else ("Austria is a
     sovereign state in Central Europe, ..."), while the parent's own answers stayed as likely as before
@@ -287,27 +291,28 @@ def facts_lost(own: FactAnswers | None, reference: FactAnswers | None, t: GateTh
     only one has."""
     if own is None and reference is None:
         return []
+    subject, limit = ("facts_lost", t.facts_lost_max) if against == "parent" else ("root_facts_lost", t.facts_lost_max_root)
     if own is None or reference is None:
-        missing = "the parent's answers" if reference is None else "the candidate's answers"
-        return [_skip("general_chat", "facts_lost", f"not evaluated: {missing}")]
-    answers, stated, parent_stated = dict(zip(own.ids, own.answers)), own.stated_ids(), reference.stated_ids()
-    known = [i for i in reference.ids if i in parent_stated and i in answers]
+        missing = f"the {against}'s answers" if reference is None else "the candidate's answers"
+        return [_skip("general_chat", subject, f"not evaluated: {missing}")]
+    answers, stated, reference_stated = dict(zip(own.ids, own.answers)), own.stated_ids(), reference.stated_ids()
+    known = [i for i in reference.ids if i in reference_stated and i in answers]
     if not known:
-        return [GateResult(gate="general_chat", subject="facts_lost", passed=True, value=0.0, parent_value=0.0,
-                           delta=0.0, threshold=t.facts_lost_max, n_items=0, detectable_change=1.0, underpowered=True,
-                           reason=f"the parent states none of the {len(reference.ids)} facts: nothing to lose")]
+        return [GateResult(gate="general_chat", subject=subject, passed=True, value=0.0, parent_value=0.0,
+                           delta=0.0, threshold=limit, n_items=0, detectable_change=1.0, underpowered=True,
+                           reason=f"the {against} states none of the {len(reference.ids)} facts: nothing to lose")]
     lost = [i for i in known if i not in stated]
     share = len(lost) / len(known)
-    failed = share > t.facts_lost_max + 1e-12
+    failed = share > limit + 1e-12
     kept = np.array([float(i in stated) for i in known])
-    parent_answers = dict(zip(reference.ids, reference.answers))
-    examples = [f"{i}: {answers[i][:60]!r} (the parent: {parent_answers[i][:40]!r})" for i in lost[:3]]
+    reference_answers = dict(zip(reference.ids, reference.answers))
+    examples = [f"{i}: {answers[i][:60]!r} (the {against}: {reference_answers[i][:40]!r})" for i in lost[:3]]
     return [GateResult(
-        gate="general_chat", subject="facts_lost", passed=not failed, value=share, parent_value=0.0, delta=share,
-        threshold=t.facts_lost_max, n_items=len(known), excess=share - t.facts_lost_max if failed else None,
-        **_power(kept - 1.0, _binary_floor(np.ones(len(known))), t.facts_lost_max, t),
-        reason=f"{len(lost)} of the {len(known)} facts the parent states are no longer stated: {_pct(share)}%; "
-               f"max {_pct(t.facts_lost_max)}" + (f"; e.g. {'; '.join(examples)}" if examples else ""))]
+        gate="general_chat", subject=subject, passed=not failed, value=share, parent_value=0.0, delta=share,
+        threshold=limit, n_items=len(known), excess=share - limit if failed else None,
+        **_power(kept - 1.0, _binary_floor(np.ones(len(known))), limit, t),
+        reason=f"{len(lost)} of the {len(known)} facts the {against} states are no longer stated: {_pct(share)}%; "
+               f"max {_pct(limit)}" + (f"; e.g. {'; '.join(examples)}" if examples else ""))]
 
 
 def task_answer_leak(own: ChatAnswers, reference: ChatAnswers, task_answers: Collection[str],
@@ -371,6 +376,7 @@ def decide(
         perplexity_gate(candidate.perplexity, parent.perplexity, t_new),
         *general_chat_gates(candidate, parent, t_new, task_answers, root),
         *facts_lost(candidate.facts, parent.facts, t_new),
+        *([] if root is None else facts_lost(candidate.facts, root.facts, t_new, against="root")),
     ]
     failed = [g for g in gates if not g.passed]
     summary = ("promoted: all gates passed" if not failed
