@@ -185,12 +185,10 @@ def train_sharded(
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
         else torch.device("cpu")
     targets = target_modules(model, config)
-    if plans is not None:
-        pass  # the job planned them (sharded_round.py)
-    elif method == "osft":
+    if plans is None and method == "osft":  # (a job's round brings its plans: sharded_round.py)
         plans = plan_on_rank0(model, targets, batches[:importance_steps], parent_record, config)
         require_capacity(plans, config, len(parent_record.tasks) if parent_record else 0)  # same plans on every rank
-    else:
+    elif plans is None:
         plans = {name: MatrixPlan(m=min(module.weight.shape), k=0, protected_ratio=0.0, importance=None,
                                   spent=False) for name, module in targets.items()}
     extra_names = set(mark_trainable(model, targets, plans, config))
