@@ -243,8 +243,8 @@ def run_job(model_dir: Path, registry, device: torch.device, out_dir: Path, exam
                                        config=config)
     timings.update({key: value for key, value in constraint.timings.items()})  # load_s (registry hit), importance_s
     watched = list(constraint.projectors)[:4]
-    loaded = registry.load_bases("v0", watched)
     before = {name: constraint.targets[name].weight.detach().clone() for name in watched}
+    loaded = registry.load_bases("v0", before, {name: constraint.plans[name].k for name in watched})
     reset_peak(device)
     with SyncCounter(device) as syncs:
         result = train(model, batches, constraint, 3e-3, len(batches) // 2, bf16_autocast=use_bf16(None, device))

@@ -81,9 +81,9 @@ def main(model_dir: Path, redis_url: str, store_dir: Path) -> dict:
         """The stored bases come off disk as real CPU tensors, as on a GPU machine; a fake tensor has no
         values to write, so of those the fake job stores only the device is noted."""
 
-        def load_bases(self, version, names):
+        def load_stored(self, version, names):
             with unset_fake_temporarily():
-                return super().load_bases(version, names)
+                return super().load_stored(version, names)
 
         def store_bases(self, version, bases):
             stored.update({f"{name}.{part}": getattr(b, part).device for name, b in bases.items()

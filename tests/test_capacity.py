@@ -113,16 +113,16 @@ def test_a_registry_miss_recomputes_the_bases_and_keeps_the_memory(tiny_model_di
     first = build_constraint(model, Hyperparameters(), "base", registry, batches[:1])
     train(model, batches, first, learning_rate=1e-2, steps_per_epoch=len(batches), bf16_autocast=False)
     record_version(registry, model, "v1", "base", "task-1", first, memory_batches=batches)
-    memory = {name: b.memory for name, b in registry.load_bases("v1", list(first.targets)).items()}
-    assert all(m is not None and m.shape[1] > 0 for m in memory.values())
+    memory = registry.load_memory("v1", list(first.targets))
+    assert set(memory) == set(first.targets) and all(m is not None and m.shape[1] > 0 for m in memory.values())
 
     store.delete("registry/v1/bases.safetensors")  # the bases are lost, e.g. evicted
     again = build_constraint(model, Hyperparameters(), "v1", registry, batches[:1])
     assert again.report()["registry_hit"] is False and again.report()["memory_lost"] == []
     assert all(torch.equal(again.memory[name], memory[name]) for name in memory)
     assert all(p.memory_rank > 0 for p in again.plans.values())  # and the job protects it
-    stored = registry.load_bases("v1", list(first.targets))  # the bases stored again, the memory with them
-    assert all(torch.equal(stored[name].memory, memory[name]) for name in memory)
+    stored = registry.load_stored("v1", list(first.targets))  # the bases stored again, the memory with them
+    assert all(torch.equal(stored[name]["memory"], memory[name]) for name in memory)
 
 
 def test_a_job_without_the_memory_passes_the_lineages_memory_on(tiny_model_dir, redis_client, tmp_path):
@@ -133,7 +133,7 @@ def test_a_job_without_the_memory_passes_the_lineages_memory_on(tiny_model_dir, 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     first = build_constraint(model, Hyperparameters(), "base", registry, batches[:1])
     record_version(registry, model, "v1", "base", "task-1", first, memory_batches=batches)
-    memory = {name: b.memory for name, b in registry.load_bases("v1", list(first.targets)).items()}
+    memory = registry.load_memory("v1", list(first.targets))
 
     opted_out = build_constraint(model, Hyperparameters(task_memory=False), "v1", registry, batches[:1])
     assert not any(p.memory_rank for p in opted_out.plans.values())  # this job alone is not held by it

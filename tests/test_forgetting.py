@@ -74,9 +74,9 @@ def test_constrained_run_forgets_the_first_task_less_and_still_learns_the_second
     assert second_after < 0.5 * second_before, f"task 2 not learned: {second_before:.3f} -> {second_after:.3f}"
 
     # The memory of task 1 is part of the constraint: task 2's update is zero on task 1's input directions.
-    parent_bases = registry.load_bases("osft-1", list(constraint.targets))
+    parent_memory = registry.load_memory("osft-1", list(constraint.targets))
     for name, module in constraint.targets.items():
-        memory = parent_bases[name].memory
+        memory = parent_memory.get(name)
         assert memory is not None and memory.shape[1] > 0
         assert constraint.plans[name].memory_rank > 0
         delta = module.weight.detach() - before[f"{name}.weight"]

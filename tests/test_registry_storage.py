@@ -1,5 +1,6 @@
-"""The subspace registry's storage stays bounded (issue 18): shared-input memories stored once, the bytes each
-version takes, and the bases pruned to the head and the newest promoted versions, the task memory kept."""
+"""The subspace registry's storage stays bounded (issue 18): one side of each SVD stored (the other rebuilt from
+the weights), shared-input memories stored once, the bytes each version takes, and the bases pruned to the
+head and the newest promoted versions, the task memory kept."""
 
 import json
 import re
@@ -16,7 +17,8 @@ from sculptor.storage import ObjectStore
 from sculptor.subspace_records import MatrixRecord, SubspaceRecord
 from tests.test_osft_invariant import chat_batches
 from worker.osft import SubspaceRegistry, build_constraint, record_version
-from worker.osft.subspace import Bases, compute_bases
+from worker.osft.projector import Projector
+from worker.osft.subspace import DERIVABLE_MIN_RATIO, Bases, compute_bases
 from worker.training.loop import train
 
 BASES, MEMORY = "registry/{}/bases.safetensors", "registry/{}/memory.safetensors"
@@ -57,10 +59,51 @@ def test_memories_of_matrices_that_share_their_input_are_stored_once(tiny_model_
     names = list(handed)
     loaded = registry.load_memory("v2", names)
     assert set(loaded) == set(names) and all(torch.equal(loaded[n], handed[n]) for n in names)
-    bases = registry.load_bases("v2", names)
-    assert all(torch.equal(bases[n].memory, handed[n]) for n in names)
+    stored = registry.load_stored("v2", names)
+    assert all(torch.equal(stored[n]["memory"], handed[n]) for n in names)
     assert record.stored_bytes == store.size(BASES.format("v2")) + store.size(MEMORY.format("v2"))
     assert registry.get("base").stored_bytes == store.size(BASES.format("base"))  # a root: bases, no memory
+
+
+def test_one_side_is_stored_and_the_other_is_rebuilt_from_the_weights(redis_client, tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    registry = SubspaceRegistry(redis_client, store)
+    torch.manual_seed(0)
+    weights = {"wide": torch.randn(48, 128), "tall": torch.randn(128, 48), "square": torch.randn(64, 64)}
+    full = {name: compute_bases(w) for name, w in weights.items()}
+    put_version(registry, "v1", full)
+
+    with safe_open(str(store.get_file(BASES.format("v1"), tmp_path / "read.safetensors")), framework="pt") as f:
+        assert set(f.keys()) == {"wide.S", "wide.U", "tall.S", "tall.Vh", "square.S", "square.U"}
+    whole = sum(b.U.numel() + b.S.numel() + b.Vh.numel() for b in full.values()) * 4
+    assert store.size(BASES.format("v1")) < 0.5 * whole  # 48² + 48² + 64² floats of 3·48·128 + 2·64²
+
+    ranks = {"wide": 40, "tall": 30, "square": 50}
+    loaded = registry.load_bases("v1", weights, ranks)
+    for name, weight in weights.items():
+        k = ranks[name]
+        assert loaded[name].U.shape[1] in (k, min(weight.shape)) and loaded[name].Vh.shape[0] in (k, min(weight.shape))
+        for vectors in (loaded[name].U, loaded[name].Vh.T):  # rebuilt or stored: orthonormal either way
+            assert (vectors.T @ vectors - torch.eye(vectors.shape[1])).abs().max() <= 1e-5, name
+        # The same constraint as the whole SVD's: a step projects to the same update.
+        step = torch.randn_like(weight)
+        ours, theirs = weight + step, weight + step
+        Projector(weight, loaded[name], k).project_(ours, weight)
+        Projector(weight, full[name], k).project_(theirs, weight)
+        assert (ours - theirs).norm() <= 1e-5 * (theirs - weight).norm(), name
+        assert (theirs - weight).norm() > 0.1 * step.norm()
+
+
+def test_a_side_that_cannot_be_rebuilt_exactly_is_a_miss(redis_client, tmp_path):
+    registry = SubspaceRegistry(redis_client, ObjectStore(tmp_path.as_uri()))
+    torch.manual_seed(0)
+    singular = torch.linspace(1.0, 1e-2 * DERIVABLE_MIN_RATIO, 32)  # the last directions carry next to nothing
+    left, _ = torch.linalg.qr(torch.randn(32, 32))
+    right, _ = torch.linalg.qr(torch.randn(96, 32))
+    weight = left @ torch.diag(singular) @ right.T
+    put_version(registry, "v1", {"m": compute_bases(weight)})
+    assert registry.load_bases("v1", {"m": weight}, {"m": 24}) is not None
+    assert registry.load_bases("v1", {"m": weight}, {"m": 32}) is None  # the job's SVD runs again
 
 
 def small_bases(seed: int, memory: bool = True) -> dict[str, Bases]:
@@ -87,7 +130,7 @@ def test_memory_files_written_before_the_map_still_load(redis_client, tmp_path):
     store.put_file(tmp_path / "memory.safetensors", MEMORY.format("v1"))
     names = list(older)
     assert all(torch.equal(registry.load_memory("v1", names)[n], older[n].memory) for n in names)
-    assert all(torch.equal(registry.load_bases("v1", names)[n].memory, older[n].memory) for n in names)
+    assert all(torch.equal(registry.load_stored("v1", names)[n]["memory"], older[n].memory) for n in names)
 
 
 def test_pruning_deletes_the_bases_and_keeps_every_memory(redis_client, tmp_path):
@@ -107,12 +150,12 @@ def test_pruning_deletes_the_bases_and_keeps_every_memory(redis_client, tmp_path
     for version in ("v1", "v2"):
         record = registry.get(version)
         assert record.bases_uri is None and not store.exists(BASES.format(version))
-        assert registry.load_bases(version, names) is None  # a miss: the next job recomputes them
+        assert registry.load_stored(version, names) is None  # a miss: the next job recomputes them
         memory = registry.load_memory(version, names)
         assert all(torch.equal(memory[n], stored[version][n].memory) for n in names)
         assert record.stored_bytes == store.size(MEMORY.format(version))
         assert registry.summary(version).stored_bytes == record.stored_bytes and not registry.summary(version).has_bases
-    assert registry.load_bases("v3", names) is not None and registry.get("v3").bases_uri
+    assert registry.load_stored("v3", names) is not None and registry.get("v3").bases_uri
     assert registry.prune_bases({"v3"}) == []  # nothing left to prune
 
 

@@ -57,8 +57,8 @@ def assert_update_in_constraint(ctx, parent: str, child: str, job) -> int:
     registry = osft.SubspaceRegistry(ctx.redis, ctx.store)
     plans = job.training.constraint.matrices
     names = [n for n, p in plans.items() if p.k > 0 and not p.spent]
-    bases = registry.load_bases(parent, names)
     before, after = weights(ctx, parent), weights(ctx, child)
+    bases = registry.load_bases(parent, {n: before[f"{n}.weight"] for n in names}, {n: plans[n].k for n in names})
     memory_directions = 0
     for name in names:
         key = f"{name}.weight"

@@ -89,11 +89,11 @@ def test_a_chat_seeded_memory_protects_everyday_inputs_once_per_lineage(tiny_mod
     assert record.general_chat_memory
 
     # The next job inherits the chat directions with the memory and does not add them a second time.
-    stored = registry.load_bases("v1", list(first.targets))
+    stored = registry.load_memory("v1", list(first.targets))
     second = build_constraint(load(), seeded, "v1", registry, task[:1], chat_batches=chat)
     assert second.general_chat_memory
     for name, memory in second.memory.items():
-        assert torch.equal(memory, stored[name].memory)
+        assert torch.equal(memory, stored[name])
 
 
 def test_a_job_seeds_the_memory_with_the_parents_everyday_answers(ctx):

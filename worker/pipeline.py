@@ -301,7 +301,8 @@ def ranks_bases(registry: osft.SubspaceRegistry, parent: str, constraint) -> dic
     if not isinstance(constraint, osft.SubspaceConstraint):
         return None
     names = list(constraint.projectors)
-    bases = registry.load_bases(parent, names) if names else {}
+    weights = {name: constraint.targets[name].weight for name in names}  # still the parent's: no round has run
+    bases = registry.load_bases(parent, weights, {name: constraint.plans[name].k for name in names}) if names else {}
     if bases is None:
         raise sharded_round.ShardedTrainingFailed(f"the subspace bases of {parent} are not in the registry, "
                                                   "so the ranks cannot share them")

@@ -75,7 +75,8 @@ def build_constraint(
     plans = plan_matrices(shapes, importance, parent_record, config)
     require_capacity(plans, config, len(parent_tasks))
     trainable = [name for name, plan in plans.items() if not plan.spent]
-    bases, timings, hit = _parent_bases(targets, trainable, parent_version, parent_record, registry)
+    bases, timings, hit = _parent_bases(targets, {name: plans[name].k for name in trainable}, parent_version,
+                                        parent_record, registry)
     device = next(iter(targets.values())).weight.device
     bases = {name: b.to(device) for name, b in bases.items()}  # the registry's tensors load on the CPU
     timings["importance_s"] = importance_s
@@ -96,15 +97,17 @@ def build_constraint(
 
 def _parent_bases(
     targets: dict[str, torch.nn.Linear],
-    names: list[str],
+    ranks: dict[str, int],
     parent_version: str,
     parent_record: SubspaceRecord | None,
     registry: SubspaceRegistry | None,
 ) -> tuple[dict[str, Bases], dict[str, float], bool]:
-    """Bases of the matrices `names` (those that train): from the registry, else by SVD (then stored,
-    with the parent's task memory, which no SVD can recompute)."""
+    """Bases of the matrices that train (`ranks`: their planned k): from the registry, else by SVD (then
+    stored, with the parent's task memory, which no SVD can recompute)."""
+    names = list(ranks)
     started = time.monotonic()
-    bases = registry.load_bases(parent_version, names) if registry else None
+    weights = {name: targets[name].weight for name in names}  # still the parent's: no step has run
+    bases = registry.load_bases(parent_version, weights, ranks) if registry else None
     if bases is not None:
         return bases, {"load_s": time.monotonic() - started}, True
 

@@ -74,6 +74,13 @@ class Side:
         return self.basis.numel()
 
 
+def has_complement(singular_vectors: torch.Tensor, dim: int) -> bool:
+    """Whether one side's singular vectors (dim × columns) include its complement: all dim of them. Not
+    so on the longer side of a rectangular weight (its reduced SVD has m < dim), nor on a side the
+    registry derived only up to k (subspace.from_stored_side)."""
+    return singular_vectors.shape[1] == dim
+
+
 def _remove_span(complement: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the part of span(complement) orthogonal to `inside` (⊂ that span)."""
     coefficients = complement.T @ inside
@@ -90,11 +97,10 @@ class Projector:
         if weight.dtype != torch.float32:
             raise ValueError(f"the constraint needs fp32 master weights, got {weight.dtype}")
         out_features, in_features = weight.shape
-        m = bases.S.numel()
         self.k = k
-        self.left = Side.from_svd(bases.U, k, complement_exists=out_features == m)
-        self.right = Side.from_svd(bases.Vh.T, k, complement_exists=in_features == m, memory=memory,
-                                   memory_share=memory_share)
+        self.left = Side.from_svd(bases.U, k, complement_exists=has_complement(bases.U, out_features))
+        self.right = Side.from_svd(bases.Vh.T, k, complement_exists=has_complement(bases.Vh.T, in_features),
+                                   memory=memory, memory_share=memory_share)
         self.memory_rank = self.right.protected_rank(in_features) - k
 
     @torch.no_grad()

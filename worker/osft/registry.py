@@ -2,9 +2,11 @@
 
 The records (Redis: one JSON record per version and an index, described in sculptor/subspace_records.py,
 which the gateway reads) say how much is protected. The object store holds the bases: one safetensors
-file per version with the reduced SVD (`<name>.U`, `<name>.S`, `<name>.Vh`, fp32) of every matrix that
-can still train, enough for any later k. A worker loads them instead of running an SVD and recomputes
-them when they are missing.
+file per version with, for every matrix that can still train, its singular values `<name>.S` and the
+singular vectors of one side, the square one (`<name>.U` or `<name>.Vh`, fp32; subspace.stored_side). A
+worker loads them with the version's weights, rebuilds the other side's top k from them
+(subspace.from_stored_side) instead of running an SVD, and recomputes them when they are missing. For
+SmolLM2 that is 0.33x the whole SVD (0.33x of 633 MB). Files from before this hold both sides and still load.
 The task memory (in × r per matrix; worker/osft/memory.py) is a second file next to it: no SVD
 can recompute it, so a lost or pruned bases file or record does not take it along (versions stored before
 it moved keep it inside the bases file, where `load_memory` still finds it). Matrices that see the same
@@ -28,7 +30,7 @@ from safetensors.torch import save_file
 
 from sculptor.storage import ObjectStore
 from sculptor.subspace_records import SubspaceRecord, SubspaceRecords
-from worker.osft.subspace import Bases
+from worker.osft.subspace import Bases, from_stored_side, stored_side
 
 MEMORY_KEYS = "memory_keys"  # safetensors metadata: JSON {matrix name: key of the tensor holding its memory}
 
@@ -55,8 +57,11 @@ class SubspaceRegistry(SubspaceRecords):
             self._put_memory(memory, version)
         else:
             self.store.delete(_memory_key(version))  # a stale one, should a version name come back
-        return self._put({f"{name}.{part}": getattr(b, part) for name, b in bases.items() for part in ("U", "S", "Vh")},
-                         _bases_key(version))
+        tensors = {}
+        for name, b in bases.items():
+            side = stored_side((b.U.shape[0], b.Vh.shape[1]))
+            tensors |= {f"{name}.S": b.S, f"{name}.{side}": getattr(b, side)}
+        return self._put(tensors, _bases_key(version))
 
     def _put_memory(self, memory: dict[str, torch.Tensor], version: str) -> None:
         tensors, keys = distinct_memory(memory)
@@ -85,8 +90,24 @@ class SubspaceRegistry(SubspaceRecords):
             with safe_open(str(self.store.get_file(key, Path(tmp) / "memory.safetensors")), framework="pt") as f:
                 return _memory_in(f, names)
 
-    def load_bases(self, version: str, names: list[str]) -> dict[str, Bases] | None:
-        """The stored bases of `names`, or None when the record, the object or any matrix is missing."""
+    def load_bases(self, version: str, weights: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, Bases] | None:
+        """The stored bases of the matrices in `ranks`, each with the side the registry does not store rebuilt
+        up to its rank k there from `weights` (that version's, by matrix name, on the job's device); None when
+        the record, the object or any matrix is missing, or a side cannot be rebuilt exactly
+        (subspace.from_stored_side)."""
+        stored = self.load_stored(version, list(ranks))
+        if stored is None:
+            return None
+        bases = {name: _bases_from(parts, weights[name], ranks[name]) for name, parts in stored.items()}
+        if any(b is None for b in bases.values()):
+            return None
+        for name, b in bases.items():
+            b.memory = stored[name].get("memory")
+        return bases
+
+    def load_stored(self, version: str, names: list[str]) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The tensors stored for `names` (each: "S", "U" and/or "Vh", "memory" where it has one), on the CPU;
+        None when the record, the object or any matrix's bases are missing."""
         record = self.get(version)
         if not record or not record.bases_uri:
             return None
@@ -94,18 +115,17 @@ class SubspaceRegistry(SubspaceRecords):
         if not self.store.exists(key):
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            path = self.store.get_file(key, Path(tmp) / "bases.safetensors")
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(self.store.get_file(key, Path(tmp) / "bases.safetensors")), framework="pt") as f:
                 available = set(f.keys())
-                if any(f"{name}.U" not in available for name in names):
+                if any(f"{name}.S" not in available for name in names):
                     return None
-                bases = {name: Bases(f.get_tensor(f"{name}.U"), f.get_tensor(f"{name}.S"), f.get_tensor(f"{name}.Vh"))
-                         for name in names}
+                stored = {name: {part: f.get_tensor(f"{name}.{part}") for part in ("S", "U", "Vh")
+                                 if f"{name}.{part}" in available} for name in names}
                 memory = _memory_in(f, names)  # versions stored before the memory had its own file
         memory.update(self._read_memory(_memory_key(version), names))
         for name, factor in memory.items():
-            bases[name].memory = factor
-        return bases
+            stored[name]["memory"] = factor
+        return stored
 
     def prune_bases(self, keep: set[str]) -> list[str]:
         """Delete the bases of every version not in `keep` (an SVD of its checkpoint recomputes them when a
@@ -149,6 +169,17 @@ def distinct_memory(memory: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
             candidates.append(key)
         keys[name] = key
     return tensors, keys
+
+
+def _bases_from(stored: dict[str, torch.Tensor], weight: torch.Tensor, k: int) -> Bases | None:
+    """One matrix's bases: both sides as stored (files from before one side was stored), or the stored side
+    with the other rebuilt up to k from `weight`; None when that cannot be done."""
+    if "U" in stored and "Vh" in stored:
+        return Bases(stored["U"], stored["S"], stored["Vh"])
+    side = stored_side(tuple(weight.shape))
+    if side not in stored:
+        return None
+    return from_stored_side(stored[side], side, stored["S"], weight, k)
 
 
 def _memory_in(f, names: list[str]) -> dict[str, torch.Tensor]:

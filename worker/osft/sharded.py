@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from sculptor.capacity import OSFTConfig
 from worker.osft.constraint import MatrixPlan, capacity_report, projected_adamw
-from worker.osft.projector import Side
+from worker.osft.projector import Side, has_complement
 from worker.osft.subspace import Bases, unfreeze_extras
 
 
@@ -61,17 +61,17 @@ class ShardedProjector:
         if local.dtype != torch.float32:
             raise ValueError(f"the constraint needs fp32 master weights, got {local.dtype}")
         out_features, in_features = weight.shape
-        m = bases.S.numel()
         rows = local_rows(weight)
         self.k = k
         self.group = weight.device_mesh.get_group()
         device = local.device
         # Each side keeps the protected basis or its complement, whichever is smaller (projector.Side);
         # the left one holds only this rank's rows.
-        self.left = Side.from_svd(bases.U[rows].to(device), k, complement_exists=out_features == m)
+        self.left = Side.from_svd(bases.U[rows].to(device), k,
+                                  complement_exists=has_complement(bases.U, out_features))
         # The task memory protects input directions: the right side, which every rank holds whole, so it
         # applies as in one process (worker/osft/projector.py). Every rank must get the same memory tensor.
-        self.right = Side.from_svd(bases.Vh.T.to(device), k, complement_exists=in_features == m,
+        self.right = Side.from_svd(bases.Vh.T.to(device), k, complement_exists=has_complement(bases.Vh.T, in_features),
                                    memory=None if memory is None else memory.to(device), memory_share=memory_share)
         self.memory_rank = self.right.protected_rank(in_features) - k
         self.in_features = in_features
