@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-forgetting-methods bench-gates bench-serving bench-general-chat bench-capacity clean
+.PHONY: venv model run worker test test-fast chromium bench-train bench-forgetting bench-forgetting-methods bench-gates bench-serving bench-general-chat bench-long-stream bench-capacity clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,10 @@ bench-serving: model
 
 bench-general-chat: model
 	$(PY) bench/bench_general_chat.py
+
+# 20 small tasks through the real job pipeline, one row per process (ROWS=shipped,full to pick; see its docstring).
+bench-long-stream: model
+	$(PY) bench/bench_long_stream.py $(if $(ROWS),--rows $(ROWS))
 
 # The planner alone (no model, no training): trainable directions per matrix over 1,000 tasks.
 bench-capacity: venv
