@@ -6,7 +6,7 @@ file per version with, for every matrix that can still train, its singular value
 singular vectors of one side, the square one (`<name>.U` or `<name>.Vh`, fp32; subspace.stored_side). A
 worker loads them with the version's weights, rebuilds the other side's top k from them
 (subspace.from_stored_side) instead of running an SVD, and recomputes them when they are missing. For
-SmolLM2 that is 0.33x the whole SVD (0.33x of 633 MB). Files from before this hold both sides and still load.
+SmolLM2 that is 208 MB, a third of the whole SVD's 633 MB. Files from before this hold both sides and still load.
 The task memory (in × r per matrix; worker/osft/memory.py) is a second file next to it: no SVD
 can recompute it, so a lost or pruned bases file or record does not take it along (versions stored before
 it moved keep it inside the bases file, where `load_memory` still finds it). Matrices that see the same
