@@ -105,6 +105,7 @@ def test_capacity_exhausted_fails_the_job_with_its_code_and_what_to_do(ctx):  # 
 
 def test_a_registry_miss_recomputes_the_bases_and_keeps_the_memory(tiny_model_dir, redis_client, tmp_path):
     from tests.test_osft_invariant import chat_batches
+    from tests.test_registry_storage import close_columns
 
     store = ObjectStore(tmp_path.as_uri())
     registry = SubspaceRegistry(redis_client, store)
@@ -122,11 +123,12 @@ def test_a_registry_miss_recomputes_the_bases_and_keeps_the_memory(tiny_model_di
     assert all(torch.equal(again.memory[name], memory[name]) for name in memory)
     assert all(p.memory_rank > 0 for p in again.plans.values())  # and the job protects it
     stored = registry.load_stored("v1", list(first.targets))  # the bases stored again, the memory with them
-    assert all(torch.equal(stored[name]["memory"], memory[name]) for name in memory)
+    assert all(close_columns(stored[name]["memory"], memory[name]) for name in memory)  # through fp16 again
 
 
 def test_a_job_without_the_memory_passes_the_lineages_memory_on(tiny_model_dir, redis_client, tmp_path):
     from tests.test_osft_invariant import chat_batches
+    from tests.test_registry_storage import close_columns
 
     registry = SubspaceRegistry(redis_client, ObjectStore(tmp_path.as_uri()))
     batches = chat_batches(tiny_model_dir, epochs=1)
@@ -141,7 +143,7 @@ def test_a_job_without_the_memory_passes_the_lineages_memory_on(tiny_model_dir, 
     assert all(m.memory_directions == memory[name].shape[1] for name, m in record.matrices.items())
 
     after = build_constraint(model, Hyperparameters(), "v2", registry, batches[:1])
-    assert all(torch.equal(after.memory[name], memory[name]) for name in memory)
+    assert all(close_columns(after.memory[name], memory[name]) for name in memory)  # v2 stored it again (fp16)
     assert all(p.memory_rank > 0 for p in after.plans.values())
 
 

@@ -17,6 +17,7 @@ from sculptor.storage import ObjectStore
 from sculptor.subspace_records import MatrixRecord, SubspaceRecord
 from tests.test_osft_invariant import chat_batches
 from worker.osft import SubspaceRegistry, build_constraint, record_version
+from worker.osft.memory import protected_directions
 from worker.osft.projector import Projector
 from worker.osft.subspace import DERIVABLE_MIN_RATIO, Bases, compute_bases
 from worker.training.loop import train
@@ -32,9 +33,19 @@ class CapturingRegistry(SubspaceRegistry):
         return super().store_bases(version, bases)
 
 
-def stored_tensor_count(store: ObjectStore, key: str, tmp_path) -> int:
+def stored_tensor_count(store: ObjectStore, key: str, tmp_path, suffix: str = "") -> int:
     with safe_open(str(store.get_file(key, tmp_path / "read.safetensors")), framework="pt") as f:
-        return len(list(f.keys()))
+        return sum(k.endswith(suffix) for k in f.keys())
+
+
+def close_columns(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Each column of `a` within 1e-3 of its norm in `b`: the storage's fp16 directions, stored once or again."""
+    return a.dtype == torch.float32 and bool(((a - b).norm(dim=0) < 1e-3 * b.norm(dim=0)).all())
+
+
+def same_memory(loaded: torch.Tensor, handed: torch.Tensor) -> bool:
+    """Equal up to the storage's fp16 directions, and not bit-equal (the test would not see an fp32 file)."""
+    return close_columns(loaded, handed) and not torch.equal(loaded, handed)
 
 
 def test_memories_of_matrices_that_share_their_input_are_stored_once(tiny_model_dir, redis_client, tmp_path):
@@ -55,12 +66,14 @@ def test_memories_of_matrices_that_share_their_input_are_stored_once(tiny_model_
         assert torch.equal(handed[f"{attention}.q_proj"], handed[f"{attention}.k_proj"])
         assert torch.equal(handed[f"{attention}.q_proj"], handed[f"{attention}.v_proj"])
         assert torch.equal(handed[f"{mlp}.gate_proj"], handed[f"{mlp}.up_proj"])
-    assert stored_tensor_count(store, MEMORY.format("v2"), tmp_path) == 8 < len(handed) == 14  # 4 inputs a layer
+    # 4 inputs a layer: 8 memories, each as fp16 directions and fp32 norms
+    assert stored_tensor_count(store, MEMORY.format("v2"), tmp_path, ".memory") == 8 < len(handed) == 14
+    assert stored_tensor_count(store, MEMORY.format("v2"), tmp_path, ".memory.norms") == 8
     names = list(handed)
     loaded = registry.load_memory("v2", names)
-    assert set(loaded) == set(names) and all(torch.equal(loaded[n], handed[n]) for n in names)
+    assert set(loaded) == set(names) and all(same_memory(loaded[n], handed[n]) for n in names)
     stored = registry.load_stored("v2", names)
-    assert all(torch.equal(stored[n]["memory"], handed[n]) for n in names)
+    assert all(same_memory(stored[n]["memory"], handed[n]) for n in names)
     assert record.stored_bytes == store.size(BASES.format("v2")) + store.size(MEMORY.format("v2"))
     assert registry.get("base").stored_bytes == store.size(BASES.format("base"))  # a root: bases, no memory
 
@@ -104,6 +117,27 @@ def test_a_side_that_cannot_be_rebuilt_exactly_is_a_miss(redis_client, tmp_path)
     put_version(registry, "v1", {"m": compute_bases(weight)})
     assert registry.load_bases("v1", {"m": weight}, {"m": 24}) is not None
     assert registry.load_bases("v1", {"m": weight}, {"m": 32}) is None  # the job's SVD runs again
+
+
+def test_memory_is_stored_in_half_the_bytes_and_protects_the_same_directions(redis_client, tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    registry = SubspaceRegistry(redis_client, store)
+    torch.manual_seed(0)
+    directions, _ = torch.linalg.qr(torch.randn(256, 96))
+    factor = directions * torch.logspace(0, -3, 96)  # as memory.grow_memory leaves it: orthogonal, norms falling
+    bases = {"m": compute_bases(torch.randn(64, 256))}
+    bases["m"].memory = factor
+    put_version(registry, "v1", bases)
+    fp32_bytes = factor.numel() * 4
+    assert store.size(MEMORY.format("v1")) < 0.52 * fp32_bytes
+    loaded = registry.load_memory("v1", ["m"])["m"]
+    assert same_memory(loaded, factor)
+    # What a job protects from it: the same directions (the whole memory, and its strongest half), to the
+    # sine of the largest angle between them.
+    for limit in (96, 48):
+        ours = protected_directions(loaded, torch.zeros(256, 0), limit)
+        theirs = protected_directions(factor, torch.zeros(256, 0), limit)
+        assert torch.linalg.matrix_norm(ours @ ours.T - theirs @ theirs.T, ord=2) < 1e-3  # the largest tilt
 
 
 def small_bases(seed: int, memory: bool = True) -> dict[str, Bases]:
@@ -152,7 +186,7 @@ def test_pruning_deletes_the_bases_and_keeps_every_memory(redis_client, tmp_path
         assert record.bases_uri is None and not store.exists(BASES.format(version))
         assert registry.load_stored(version, names) is None  # a miss: the next job recomputes them
         memory = registry.load_memory(version, names)
-        assert all(torch.equal(memory[n], stored[version][n].memory) for n in names)
+        assert all(same_memory(memory[n], stored[version][n].memory) for n in names)  # v1's moved, in fp16 now
         assert record.stored_bytes == store.size(MEMORY.format(version))
         assert registry.summary(version).stored_bytes == record.stored_bytes and not registry.summary(version).has_bases
     assert registry.load_stored("v3", names) is not None and registry.get("v3").bases_uri
@@ -220,8 +254,8 @@ def test_a_rejected_candidate_loses_its_bases_keeps_its_memory_and_can_be_forced
     # Kept: the head v2 (the newest promoted); v1's bases, stored again by the SVD of job 2, and v0's are pruned.
     assert store.exists(BASES.format("v2")) and not store.exists(BASES.format("v1"))
     assert not store.exists(BASES.format("v0"))
-    again = registry.load_memory("v1", names)
-    assert all(torch.equal(again[n], memory[n]) for n in names)
+    again = registry.load_memory("v1", names)  # stored again with the bases, through fp16 once more
+    assert all(close_columns(again[n], memory[n]) for n in names)
 
     overview = registry_overview(ctx)
     sizes = {v.version: v.stored_bytes for v in overview.versions}

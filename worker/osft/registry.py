@@ -12,7 +12,8 @@ can recompute it, so a lost or pruned bases file or record does not take it alon
 it moved keep it inside the bases file, where `load_memory` still finds it). Matrices that see the same
 inputs (a layer's q/k/v, and gate/up) have equal memories: each distinct one is stored once, under its
 first matrix's `<name>.memory`, and the file's metadata maps every matrix to its tensor (files written
-before that hold one `<name>.memory` per matrix, no map).
+before that hold one `<name>.memory` per matrix, no map). A memory is stored as fp16 directions and fp32
+column norms (`<name>.memory.norms`; `_half_precision`), half the bytes of fp32; older fp32 files still load.
 Only some versions keep their bases (`prune_bases`, after each job: SCULPTOR_REGISTRY_KEEP_BASES); the
 memory is never pruned.
 """
@@ -65,7 +66,10 @@ class SubspaceRegistry(SubspaceRecords):
 
     def _put_memory(self, memory: dict[str, torch.Tensor], version: str) -> None:
         tensors, keys = distinct_memory(memory)
-        self._put(tensors, _memory_key(version), metadata={MEMORY_KEYS: json.dumps(keys)})
+        encoded = {}
+        for key, factor in tensors.items():
+            encoded |= _half_precision(key, factor)
+        self._put(encoded, _memory_key(version), metadata={MEMORY_KEYS: json.dumps(keys)})
 
     def _put(self, tensors: dict, key: str, metadata: dict[str, str] | None = None) -> str:
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,9 +186,26 @@ def _bases_from(stored: dict[str, torch.Tensor], weight: torch.Tensor, k: int) -
     return from_stored_side(stored[side], side, stored["S"], weight, k)
 
 
+def _half_precision(key: str, factor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A memory factor as stored: its columns' directions in fp16 under `key`, their norms in fp32 under
+    `key.norms` (half the bytes of fp32). Each job orthonormalises the memory again by an SVD before it protects
+    any of it (memory.protected_directions), so only the directions' rounding matters: at most 2⁻¹¹ of an
+    entry, which tilts a direction by under 1e-3."""
+    norms = factor.norm(dim=0)
+    return {key: (factor / norms.clamp(min=torch.finfo(factor.dtype).tiny)).half(), f"{key}.norms": norms}
+
+
 def _memory_in(f, names: list[str]) -> dict[str, torch.Tensor]:
-    """The memory of those of `names` that the open safetensors file `f` holds."""
+    """The memory (fp32) of those of `names` that the open safetensors file `f` holds."""
     keys = json.loads((f.metadata() or {}).get(MEMORY_KEYS, "{}"))
     available = set(f.keys())
     found = {name: keys.get(name, f"{name}.memory") for name in names}  # no map: one key per matrix
-    return {name: f.get_tensor(key) for name, key in found.items() if key in available}
+    tensors = {key: _full_precision(f, key, available) for key in set(found.values()) if key in available}
+    return {name: tensors[key] for name, key in found.items() if key in tensors}
+
+
+def _full_precision(f, key: str, available: set[str]) -> torch.Tensor:
+    """A stored memory factor back in fp32 (files from before the fp16 directions hold it in fp32, no norms)."""
+    factor = f.get_tensor(key)
+    norms = f"{key}.norms"
+    return factor.float() * f.get_tensor(norms) if norms in available else factor
