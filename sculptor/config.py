@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     def checkpoint_cache_dir(self) -> Path:
         return self.data_dir / "cache" / "checkpoints"
 
+    @property
+    def store_cache_dir(self) -> Path:
+        """Blocks of the registry's objects read from a remote object store (sculptor/storage.py)."""
+        return self.data_dir / "cache" / "store"
+
 
 @lru_cache
 def get_settings() -> Settings:

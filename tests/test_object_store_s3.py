@@ -161,6 +161,44 @@ def test_safetensors_checkpoint_directory_round_trip(store, s3, tmp_path):
     assert json.loads((dst / "config.json").read_text())["hidden_size"] == 128
 
 
+def test_tensors_are_read_by_range_and_cached_locally(s3_endpoint, tmp_path, monkeypatch):
+    """A job reads only the matrices it trains, each once per machine, and never a stale copy."""
+    import s3fs
+
+    store = ObjectStore(f"s3://{BUCKET}/ranged", cache_dir=tmp_path / "cache", endpoint_url=s3_endpoint)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"m{i}.U": torch.randn(1024, 1024, generator=generator) for i in range(4)}  # 4 MiB each
+    save_file(tensors, tmp_path / "bases.safetensors", metadata={"memory_keys": "{}"})
+    store.put_file(tmp_path / "bases.safetensors", "registry/v1/bases.safetensors")
+    fetched = []  # the bytes of each ranged GET
+    fetch = s3fs.core.S3File._fetch_range
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range",
+                        lambda self, start, end: fetched.append(end - start) or fetch(self, start, end))
+
+    with store.open_tensors("registry/v1/bases.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors) and f.metadata() == {"memory_keys": "{}"}
+        assert torch.equal(f.get_tensor("m2.U"), tensors["m2.U"])
+    total = store.size("registry/v1/bases.safetensors")
+    assert 4 << 20 < sum(fetched) <= 8 << 20 < total  # the header and one matrix (and 1 MiB read-ahead each)
+    fetched.clear()
+    with store.open_tensors("registry/v1/bases.safetensors") as f:
+        assert torch.equal(f.get_tensor("m2.U"), tensors["m2.U"])
+    assert fetched == []  # from the local cache
+
+    # Stored again (a registry miss recomputes a version's bases): the cached blocks are not used.
+    changed = {name: -t for name, t in tensors.items()}
+    save_file(changed, tmp_path / "bases.safetensors")
+    store.put_file(tmp_path / "bases.safetensors", "registry/v1/bases.safetensors")
+    with store.open_tensors("registry/v1/bases.safetensors") as f:
+        assert torch.equal(f.get_tensor("m2.U"), changed["m2.U"])
+    assert fetched
+    store.delete("registry/v1")  # pruned: its blocks leave the disk too
+    assert list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        with store.open_tensors("registry/v1/bases.safetensors"):
+            pass
+
+
 def test_open_store_uses_the_configured_endpoint(s3_endpoint, s3, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no stray .env
     settings = Settings(object_store_url=f"s3://{BUCKET}/from-settings", s3_endpoint_url=s3_endpoint,

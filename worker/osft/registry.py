@@ -4,7 +4,8 @@ The records (Redis: one JSON record per version and an index, described in sculp
 which the gateway reads) say how much is protected. The object store holds the bases: one safetensors
 file per version with, for every matrix that can still train, its singular values `<name>.S` and the
 singular vectors of one side, the square one (`<name>.U` or `<name>.Vh`, fp32; subspace.stored_side). A
-worker loads them with the version's weights, rebuilds the other side's top k from them
+worker reads those of the matrices it trains (ObjectStore.open_tensors: ranged reads, cached locally from a
+remote store), loads them with the version's weights, rebuilds the other side's top k from them
 (subspace.from_stored_side) instead of running an SVD, and recomputes them when they are missing. For
 SmolLM2 that is 208 MB, a third of the whole SVD's 633 MB. Files from before this hold both sides and still load.
 The task memory (in × r per matrix; worker/osft/memory.py) is a second file next to it: no SVD
@@ -26,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sculptor.storage import ObjectStore
@@ -90,9 +90,8 @@ class SubspaceRegistry(SubspaceRecords):
     def _read_memory(self, key: str, names: list[str]) -> dict:
         if not self.store.exists(key):
             return {}
-        with tempfile.TemporaryDirectory() as tmp:
-            with safe_open(str(self.store.get_file(key, Path(tmp) / "memory.safetensors")), framework="pt") as f:
-                return _memory_in(f, names)
+        with self.store.open_tensors(key) as f:
+            return _memory_in(f, names)
 
     def load_bases(self, version: str, weights: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, Bases] | None:
         """The stored bases of the matrices in `ranks`, each with the side the registry does not store rebuilt
@@ -118,14 +117,13 @@ class SubspaceRegistry(SubspaceRecords):
         key = self.store.key_of(record.bases_uri)
         if not self.store.exists(key):
             return None
-        with tempfile.TemporaryDirectory() as tmp:
-            with safe_open(str(self.store.get_file(key, Path(tmp) / "bases.safetensors")), framework="pt") as f:
-                available = set(f.keys())
-                if any(f"{name}.S" not in available for name in names):
-                    return None
-                stored = {name: {part: f.get_tensor(f"{name}.{part}") for part in ("S", "U", "Vh")
-                                 if f"{name}.{part}" in available} for name in names}
-                memory = _memory_in(f, names)  # versions stored before the memory had its own file
+        with self.store.open_tensors(key) as f:  # only the matrices asked for are read
+            available = set(f.keys())
+            if any(f"{name}.S" not in available for name in names):
+                return None
+            stored = {name: {part: f.get_tensor(f"{name}.{part}") for part in ("S", "U", "Vh")
+                             if f"{name}.{part}" in available} for name in names}
+            memory = _memory_in(f, names)  # versions stored before the memory had its own file
         memory.update(self._read_memory(_memory_key(version), names))
         for name, factor in memory.items():
             stored[name]["memory"] = factor
