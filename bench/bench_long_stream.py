@@ -31,7 +31,8 @@ Fixed, small hyperparameters (no learning-rate probe, no rounds), equal steps pe
   rehearsal-on   shipped + task_replay 0.5 (earlier tasks' own examples, as bench_forgetting's rehearsal rows)
   rehearsal-off  shipped (task_replay unset: the service's default 0) — the same hyperparameters as
                  "shipped", so when both are asked for the row runs once and the other records "same_as"
-  (not by default: osft-noreplay, full-replay)
+  (not by default: osft-noreplay, full-replay, and service-defaults: no fixed rate or epochs, so each job
+   probes its rate and trains rounds of --steps until it reproduces its task, as a user's job does)
 Equal steps are not equal exposure: with the default replay a job trains on 16 task + 32 replayed examples,
 so 32 steps show each task example ~5 times, against 16 times in the no-replay rows (full, osft-noreplay).
 --steps raises every row's steps alike; --lr replaces the rows' rates per method.
@@ -85,6 +86,9 @@ ROWS = {  # name: hyperparameters (max_steps added from --steps) and, for k-grow
     "rehearsal-off": {"hp": dict(OSFT)},  # task_replay unset: the service's default, 0 (so: shipped's hyperparameters)
     "osft-noreplay": {"hp": {**OSFT, "general_replay": 0.0}},
     "full-replay": {"hp": {"method": "full", "learning_rate": 2e-4, "epochs": 16}},
+    # The service's own defaults: learning rate probed on a validation split, epochs chosen, then up to
+    # auto.MAX_ROUNDS rounds (each cut at --steps) until the task is reproduced: unequal steps, the real service.
+    "service-defaults": {"hp": {}},
 }
 DEFAULT_ROWS = "shipped,k-growth,full,rehearsal-on,rehearsal-off"
 
