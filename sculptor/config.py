@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     # checkpoint, recomputed when a job trains on a pruned one) are kept for the serving head and this many
     # newest promoted versions; a version's task memory (no SVD recomputes it) is never deleted.
     registry_keep_bases: int = Field(3, ge=1)
+    # What a worker keeps on its disk of the registry's objects read from an S3 store (var/cache/store): the
+    # least recently read go first past this many bytes. About 10 versions' bases and memory of SmolLM2.
+    store_cache_bytes: int = Field(4 << 30, ge=0)
 
     # `make run` supervision: a dead worker or embedded Redis is restarted after a doubling backoff
     # (from restart_backoff_s up to 30 s); after restart_max restarts within restart_window_s the launcher

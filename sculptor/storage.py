@@ -37,14 +37,16 @@ BLOCK_BYTES = 1 << 20  # a remote file's read-ahead: little past the tensors a j
 
 
 class ObjectStore:
-    def __init__(self, url: str, cache_dir: Path | None = None, **storage_options):
-        """`cache_dir`: where tensors read from a remote store (not `file://`) are kept, if anywhere."""
+    def __init__(self, url: str, cache_dir: Path | None = None, cache_bytes: int = 4 << 30, **storage_options):
+        """`cache_dir`: where tensors read from a remote store (not `file://`) are kept, if anywhere, up to
+        `cache_bytes` (the least recently read objects are dropped first)."""
         self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.fs.makedirs(self.root, exist_ok=True)
         self.cache_dir = cache_dir if self.protocol != "file" else None
+        self.cache_bytes = cache_bytes
 
     def _resolve(self, key: str) -> str:
         if not _SAFE_KEY.match(key) or any(part in ("", ".", "..") for part in key.split("/")):
@@ -104,11 +106,26 @@ class ObjectStore:
             cache = self._cache_of(path) / hashlib.sha256(tag.encode()).hexdigest()[:32]
             if not cache.exists() and cache.parent.exists():
                 shutil.rmtree(cache.parent, ignore_errors=True)  # what an earlier ETag left
+            cache.mkdir(parents=True, exist_ok=True)
+            os.utime(cache.parent)  # read now: the last to be evicted
         tensors = StoredTensors(lambda: self.fs.open(path, "rb", block_size=BLOCK_BYTES), cache)
         try:
             yield tensors
         finally:
             tensors.close()
+            if cache is not None:
+                self._evict(keep=cache.parent)
+
+    def _evict(self, keep: Path) -> None:
+        """Drop the least recently read objects' copies until the cache is within its bytes."""
+        folders = sorted((p for p in self.cache_dir.iterdir() if p != keep), key=lambda p: p.stat().st_mtime)
+        sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in [keep, *folders]}
+        total = sum(sizes.values())
+        for folder in folders:
+            if total <= self.cache_bytes:
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= sizes[folder]
 
     def _cache_of(self, path: str) -> Path:
         return self.cache_dir / hashlib.sha256(path.encode()).hexdigest()[:32]
@@ -165,7 +182,10 @@ class StoredTensors:
         """`read(file)`'s bytes, from the cache when it has them (and kept there when it did not)."""
         cached = self._cache / name if self._cache is not None else None
         if cached is not None and cached.exists():
-            return cached.read_bytes()
+            try:
+                return cached.read_bytes()
+            except FileNotFoundError:
+                pass  # evicted meanwhile by another process: read it again
         if self._file is None:
             self._file = self._open_file()
         data = read(self._file)
@@ -191,4 +211,5 @@ def open_store(settings) -> ObjectStore:
     options = {}
     if settings.store_url.startswith("s3://") and settings.s3_endpoint_url:
         options["endpoint_url"] = settings.s3_endpoint_url
-    return ObjectStore(settings.store_url, cache_dir=settings.store_cache_dir, **options)
+    return ObjectStore(settings.store_url, cache_dir=settings.store_cache_dir, cache_bytes=settings.store_cache_bytes,
+                       **options)

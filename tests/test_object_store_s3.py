@@ -199,6 +199,28 @@ def test_tensors_are_read_by_range_and_cached_locally(s3_endpoint, tmp_path, mon
             pass
 
 
+def test_the_cache_keeps_the_most_recently_read_objects_within_its_bytes(s3_endpoint, tmp_path):
+    store = ObjectStore(f"s3://{BUCKET}/evicted", cache_dir=tmp_path / "cache", cache_bytes=6 << 20,
+                        endpoint_url=s3_endpoint)
+    matrix = torch.randn(1024, 1024)  # 4 MiB
+    for version in ("v1", "v2"):
+        save_file({"m.U": matrix}, tmp_path / "bases.safetensors")
+        store.put_file(tmp_path / "bases.safetensors", f"registry/{version}/bases.safetensors")
+
+    def cached_mb() -> float:
+        return sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file()) / (1 << 20)
+
+    for version in ("v1", "v2", "v1"):
+        with store.open_tensors(f"registry/{version}/bases.safetensors") as f:
+            assert torch.equal(f.get_tensor("m.U"), matrix)
+        assert len(list((tmp_path / "cache").iterdir())) == 1 and 4 <= cached_mb() <= 6  # the one just read
+
+    settings = Settings(object_store_url=f"s3://{BUCKET}/x", s3_endpoint_url=s3_endpoint, var_dir=tmp_path / "var",
+                        store_cache_bytes=123)
+    opened = open_store(settings)
+    assert opened.cache_bytes == 123 and opened.cache_dir == tmp_path / "var" / "cache" / "store"
+
+
 def test_open_store_uses_the_configured_endpoint(s3_endpoint, s3, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no stray .env
     settings = Settings(object_store_url=f"s3://{BUCKET}/from-settings", s3_endpoint_url=s3_endpoint,
