@@ -118,8 +118,11 @@ class ObjectStore:
 
     def _evict(self, keep: Path) -> None:
         """Drop the least recently read objects' copies until the cache is within its bytes."""
-        folders = sorted((p for p in self.cache_dir.iterdir() if p != keep), key=lambda p: p.stat().st_mtime)
-        sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in [keep, *folders]}
+        try:
+            folders = sorted((p for p in self.cache_dir.iterdir() if p != keep), key=lambda p: p.stat().st_mtime)
+            sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in [keep, *folders]}
+        except FileNotFoundError:
+            return  # another worker's eviction is under way: housekeeping, the next read retries it
         total = sum(sizes.values())
         for folder in folders:
             if total <= self.cache_bytes:
