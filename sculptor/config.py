@@ -217,7 +217,7 @@ class Settings(BaseSettings):
 
     @property
     def store_cache_dir(self) -> Path:
-        """Blocks of the registry's objects read from a remote object store (sculptor/storage.py)."""
+        """Copies of the tensors a worker read from a remote object store's registry objects (sculptor/storage.py)."""
         return self.data_dir / "cache" / "store"
 
 

@@ -185,14 +185,14 @@ def test_tensors_are_read_by_range_and_cached_locally(s3_endpoint, tmp_path, mon
         assert torch.equal(f.get_tensor("m2.U"), tensors["m2.U"])
     assert fetched == []  # from the local cache
 
-    # Stored again (a registry miss recomputes a version's bases): the cached blocks are not used.
+    # Stored again (a registry miss recomputes a version's bases): the cached copy is not used.
     changed = {name: -t for name, t in tensors.items()}
     save_file(changed, tmp_path / "bases.safetensors")
     store.put_file(tmp_path / "bases.safetensors", "registry/v1/bases.safetensors")
     with store.open_tensors("registry/v1/bases.safetensors") as f:
         assert torch.equal(f.get_tensor("m2.U"), changed["m2.U"])
     assert fetched
-    store.delete("registry/v1")  # pruned: its blocks leave the disk too
+    store.delete("registry/v1")  # pruned: its cached copy leaves the disk too
     assert list((tmp_path / "cache").iterdir()) == []
     with pytest.raises(FileNotFoundError):
         with store.open_tensors("registry/v1/bases.safetensors"):
